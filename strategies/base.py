@@ -1,0 +1,156 @@
+"""The strategy contract: a Config (the one declaration of a strategy's hyperparameters) and hooks.
+
+The trainer (clgrid.trainer) owns the loop, the optimizer step, devices and cost meters. A strategy
+only hooks in. Per training experience the hooks fire in this order:
+
+    before_experience
+    for every batch:  train_batch -> forward -> loss -> backward -> after_backward -> step -> after_step
+    after_experience
+    evaluation (predict, for every test experience)
+
+Strategies import torch and this module only: never Ray, MLflow or pyarrow. Persistent storage of
+samples goes through ``ctx.replay``; everything else a strategy keeps lives in ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # only for type names; the platform hands these objects in through ctx
+    from clgrid.benchmarks import Experience, Stream
+    from clgrid.replay import ReplayMemory
+
+SCENARIOS = ("class-il", "task-il", "domain-il")
+
+
+class StrategyConfig(BaseModel):
+    """Base of every strategy's Config: a ``name`` literal plus its hyperparameters.
+
+    Each scalar hyperparameter may be given as a list in a pipeline spec: that list is a grid axis.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class Batch:
+    """A training batch: inputs, labels and the experience (task) index of every sample.
+
+    ``extra`` carries per-sample tensors some strategies store with samples (for example DER's logits).
+    """
+
+    x: Tensor
+    y: Tensor
+    t: Tensor
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def cat(self, other: "Batch") -> "Batch":
+        """This batch followed by ``other`` (extras kept only where both have them)."""
+        keys = self.extra.keys() & other.extra.keys()
+        return Batch(
+            torch.cat([self.x, other.x]),
+            torch.cat([self.y, other.y]),
+            torch.cat([self.t, other.t]),
+            {k: torch.cat([self.extra[k], other.extra[k]]) for k in keys},
+        )
+
+
+@dataclass
+class Context:
+    """What a hook may read or use. Built by the trainer once per trial.
+
+    model:            the network being trained (a strategy that grows it assigns a new one here
+                      and calls ``reset_optimizer``)
+    device:           where model and batches live
+    stream:           the benchmark stream (scenario, number of classes, test experiences)
+    experience:       the training experience being learned (None before the first)
+    seen:             the training experiences learned so far, the current one included
+    replay:           this trial's replay memory (empty and unused unless a strategy writes to it)
+    rng:              the strategy's random generator (seeded from the trial seed, checkpointed)
+    batch_size, epochs, iterations, lr:  the spec's training settings
+    reset_optimizer:  ``reset_optimizer(params_or_groups)`` gives the trainer a fresh optimizer
+    fit:              ``fit(x, y, t, epochs=..., module=..., loss_fn=...)`` trains with the trainer's
+                      own loop and cost meters (GDumb, joint training, generator training)
+    """
+
+    model: nn.Module
+    device: torch.device
+    stream: "Stream"
+    replay: "ReplayMemory"
+    rng: torch.Generator
+    batch_size: int
+    epochs: int | None
+    iterations: int | None
+    lr: float
+    reset_optimizer: Callable[[Iterable[Any]], None]
+    fit: Callable[..., None]
+    experience: "Experience | None" = None
+    seen: list["Experience"] = field(default_factory=list)
+
+    @property
+    def scenario(self) -> str:
+        return self.stream.scenario
+
+    @property
+    def experience_index(self) -> int:
+        return -1 if self.experience is None else self.experience.index
+
+    @property
+    def seen_classes(self) -> list[int]:
+        return sorted({c for e in self.seen for c in e.classes})
+
+
+class Strategy:
+    """Base class: every hook is optional and does nothing by default.
+
+    Subclasses set ``Config`` (a StrategyConfig with a ``name`` literal) and, when a scenario does
+    not apply, ``scenarios`` (the spec refuses a strategy on a benchmark whose scenario is missing).
+    """
+
+    Config: ClassVar[type[StrategyConfig]]
+    scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
+
+    def __init__(self, config: StrategyConfig):
+        self.config = config
+
+    def before_experience(self, ctx: Context) -> None:
+        """Fires once per training experience, after ``ctx.experience`` is set and a fresh optimizer
+        over all model parameters is made, before the first batch."""
+
+    def train_batch(self, batch: Batch, ctx: Context) -> Batch | None:
+        """Fires for every training batch before the forward pass; returns the batch to train on
+        (for example with replayed samples appended), or None to skip the step."""
+        return batch
+
+    def loss(self, batch: Batch, output: Tensor, ctx: Context) -> Tensor | None:
+        """Fires after the forward pass; the returned scalar is added to the task loss."""
+        return None
+
+    def after_backward(self, batch: Batch, ctx: Context) -> None:
+        """Fires after ``loss.backward()`` and before ``optimizer.step()``: gradients may be edited."""
+
+    def after_step(self, batch: Batch, ctx: Context) -> None:
+        """Fires after ``optimizer.step()`` for every trained batch."""
+
+    def after_experience(self, ctx: Context) -> None:
+        """Fires once per training experience, after its last batch and before evaluation."""
+
+    def predict(self, x: Tensor, t: Tensor, ctx: Context) -> Tensor:
+        """Fires at evaluation for every test batch; returns class scores [batch, num_classes]."""
+        return ctx.model(x, t)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this strategy needs to resume after an experience: tensors, numbers, strings."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: Context) -> None:
+        """Restores ``state_dict()``; fires before the model's own weights are loaded, so a strategy
+        that changed the architecture rebuilds ``ctx.model`` here first."""
