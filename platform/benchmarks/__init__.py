@@ -12,7 +12,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-SOURCES = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10", "cifar100")
+from clgrid.benchmarks.sources import NUM_CLASSES
+
+SOURCES = tuple(NUM_CLASSES)
 
 
 class BenchmarkSpec(BaseModel):
@@ -28,7 +30,7 @@ class BenchmarkSpec(BaseModel):
     domain: Literal["permuted", "rotated", "split"] = Field(
         "permuted", description="domain-il only: pixel permutations, rotations, or split digits with shared labels"
     )
-    permutation_seed: int | None = Field(None, description="seed of the permutations/rotations; default: the trial seed")
+    permutation_seed: int | None = Field(None, description="permuted stream: seed of the pixel permutations; default: the trial seed")
     max_rotation: float = Field(180.0, gt=0, le=360, description="rotated stream: degrees of the last experience")
     data_root: str = Field("~/.cache/clgrid/data", description="folder of the torchvision sources")
     download: bool = Field(False, description="allow torchvision sources to download into data_root")
@@ -38,6 +40,31 @@ class BenchmarkSpec(BaseModel):
         """The benchmark name used in tags and reports, e.g. 'split-mnist5k' or 'permuted-mnist5k'."""
         kind = self.domain if self.scenario == "domain-il" else "split"
         return f"{kind}-{self.source}"
+
+    @property
+    def splits_classes(self) -> bool:
+        """Whether experiences are groups of classes (class-IL, task-IL, split domain-IL)."""
+        return self.scenario != "domain-il" or self.domain == "split"
+
+    @model_validator(mode="after")
+    def _check_class_split(self) -> BenchmarkSpec:
+        if not self.splits_classes:
+            if self.class_order is not None or self.shuffle_classes:
+                raise ValueError(f"class_order and shuffle_classes apply to split streams, not to {self.domain} domain-il")
+            return self
+        num_classes = NUM_CLASSES[self.source]
+        if self.class_order is not None:
+            if sorted(self.class_order) != list(range(num_classes)):
+                raise ValueError(f"class_order must be a permutation of {self.source}'s classes 0..{num_classes - 1}")
+            if self.shuffle_classes:
+                raise ValueError("give either class_order or shuffle_classes, not both")
+        if num_classes % self.experiences:
+            raise ValueError(
+                f"{self.source}'s {num_classes} classes do not split evenly into {self.experiences} experiences"
+            )
+        if self.scenario == "domain-il" and num_classes // self.experiences < 2:
+            raise ValueError("split domain-il needs at least 2 classes per experience (its labels are positions in the group)")
+        return self
 
 
 @dataclass(frozen=True)

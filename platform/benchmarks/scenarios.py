@@ -1,0 +1,108 @@
+"""Scenarios: cut a source's train and test tensors into the experiences of a stream.
+
+- class-il / task-il: experience i holds the i-th group of classes; labels stay global class ids.
+- domain-il split: the same class groups, labels are the position within the group (Hsu et al. 2018).
+- domain-il permuted: every experience holds all the data under its own fixed pixel permutation.
+- domain-il rotated: every experience holds all the data rotated by its own angle.
+
+Every tensor is built once here, so training reads experiences without per-epoch work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.transforms.functional import InterpolationMode, rotate
+
+from clgrid.benchmarks import BenchmarkSpec, Experience, Stream
+from clgrid.benchmarks.sources import NUM_CLASSES, load_source
+
+# Rotating a whole source at once would allocate a sampling grid as large as the data; chunks bound it.
+_ROTATE_CHUNK = 8192
+
+
+def load_stream(spec: BenchmarkSpec, seed: int) -> Stream:
+    """The stream of a benchmark for one trial: a pure function of the spec and the seed."""
+    train_x, train_y, test_x, test_y = load_source(spec.source, spec.data_root, spec.download)
+    if spec.splits_classes:
+        groups = class_groups(spec, seed)
+        relabel = spec.scenario == "domain-il"
+        train = _split_by_class(train_x, train_y, groups, relabel)
+        test = _split_by_class(test_x, test_y, groups, relabel)
+        num_classes = len(groups[0]) if relabel else NUM_CLASSES[spec.source]
+    else:
+        transforms = _domain_transforms(spec, seed, input_shape=tuple(train_x.shape[1:]))
+        train = [Experience(i, t(train_x), train_y.clone(), _all(spec)) for i, t in enumerate(transforms)]
+        test = [Experience(i, t(test_x), test_y.clone(), _all(spec)) for i, t in enumerate(transforms)]
+        num_classes = NUM_CLASSES[spec.source]
+    return Stream(
+        name=spec.id,
+        scenario=spec.scenario,
+        input_shape=tuple(train_x.shape[1:]),
+        num_classes=num_classes,
+        train=train,
+        test=test,
+    )
+
+
+def class_groups(spec: BenchmarkSpec, seed: int) -> list[tuple[int, ...]]:
+    """The classes of each experience: the class order cut into ``spec.experiences`` equal groups."""
+    num_classes = NUM_CLASSES[spec.source]
+    if spec.class_order is not None:
+        order = list(spec.class_order)
+    elif spec.shuffle_classes:
+        order = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+    else:
+        order = list(range(num_classes))
+    size = num_classes // spec.experiences
+    return [tuple(order[i : i + size]) for i in range(0, num_classes, size)]
+
+
+def _split_by_class(x: Tensor, y: Tensor, groups: list[tuple[int, ...]], relabel: bool) -> list[Experience]:
+    experiences = []
+    num_classes = sum(len(group) for group in groups)  # the groups partition all the classes
+    for index, group in enumerate(groups):
+        group_ids = torch.tensor(group)
+        mask = torch.isin(y, group_ids)
+        labels = y[mask]
+        if relabel:
+            position = torch.zeros(num_classes, dtype=torch.int64)
+            position[group_ids] = torch.arange(len(group))
+            labels, group = position[labels], tuple(range(len(group)))
+        experiences.append(Experience(index, x[mask].contiguous(), labels.contiguous(), group))
+    return experiences
+
+
+def _all(spec: BenchmarkSpec) -> tuple[int, ...]:
+    return tuple(range(NUM_CLASSES[spec.source]))
+
+
+def _domain_transforms(spec: BenchmarkSpec, seed: int, input_shape: tuple[int, ...]) -> list:
+    """One input transform per experience of a permuted or rotated stream."""
+    if spec.domain == "permuted":
+        height, width = input_shape[1:]
+        generator = torch.Generator().manual_seed(seed if spec.permutation_seed is None else spec.permutation_seed)
+        permutations = [torch.randperm(height * width, generator=generator) for _ in range(spec.experiences)]
+        return [_permuter(p) for p in permutations]
+    # Evenly spaced angles from 0 (the original images) to max_rotation (the last experience).
+    step = spec.max_rotation / (spec.experiences - 1) if spec.experiences > 1 else 0.0
+    return [_rotator(i * step) for i in range(spec.experiences)]
+
+
+def _permuter(permutation: Tensor):
+    def permute(x: Tensor) -> Tensor:
+        # The same pixel positions move in every channel, so a pixel's colour stays together.
+        flat = x.flatten(start_dim=2)[:, :, permutation]
+        return flat.reshape(x.shape).contiguous()
+
+    return permute
+
+
+def _rotator(angle: float):
+    def rotate_all(x: Tensor) -> Tensor:
+        chunks = [
+            rotate(chunk, angle, interpolation=InterpolationMode.BILINEAR) for chunk in x.split(_ROTATE_CHUNK)
+        ]
+        return torch.cat(chunks).clamp_(0.0, 1.0).contiguous()
+
+    return rotate_all
