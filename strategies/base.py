@@ -76,6 +76,8 @@ class Context:
     replay:           this trial's replay memory (empty and unused unless a strategy writes to it)
     rng:              the strategy's random generator (seeded from the trial seed, checkpointed)
     batch_size, epochs, iterations, lr:  the spec's training settings
+    mask:             ``mask(scores, t)``: scores as the task loss sees them (task-IL masks each
+                      sample's scores to its task's classes; other scenarios pass them through)
     reset_optimizer:  ``reset_optimizer(params_or_groups)`` gives the trainer a fresh optimizer
     fit:              ``fit(x, y, t, epochs=..., module=..., loss_fn=...)`` trains with the trainer's
                       own loop and cost meters (GDumb, joint training, generator training)
@@ -90,6 +92,7 @@ class Context:
     epochs: int | None
     iterations: int | None
     lr: float
+    mask: Callable[[Tensor, Tensor], Tensor]
     reset_optimizer: Callable[[Iterable[Any]], None]
     fit: Callable[..., None]
     experience: "Experience | None" = None
@@ -113,6 +116,8 @@ class Strategy:
 
     Subclasses set ``Config`` (a StrategyConfig with a ``name`` literal) and, when a scenario does
     not apply, ``scenarios`` (the spec refuses a strategy on a benchmark whose scenario is missing).
+    A strategy that stores samples declares ``buffer_size`` in its Config: the trainer sizes
+    ``ctx.replay`` from it.
     """
 
     Config: ClassVar[type[StrategyConfig]]

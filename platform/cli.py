@@ -1,0 +1,147 @@
+"""``clgrid``: validate, run and list pipelines.
+
+Exit codes: 0 success, 1 a sweep ran but some trials failed, 2 bad input (nothing was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from clgrid import spec as specs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="clgrid", description="Evaluate continual-learning strategies at scale.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check a spec and show its grid; starts nothing")
+    p.add_argument("spec", help="a YAML file or the name of a bundled pipeline")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="run a spec's grid as Ray Tune trials, tracked in MLflow")
+    p.add_argument("spec", help="a YAML file or the name of a bundled pipeline (e.g. quickstart)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite in the storage root)")
+    p.add_argument("--storage", help="storage root for checkpoints, replay shards and results")
+    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    p.add_argument("--address", help="attach to a running Ray cluster (ray://HOST:10001 or 'auto')")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("list", help="benchmarks, scenarios, strategies and models with their parameters")
+    p.set_defaults(func=cmd_list)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except specs.SpecError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+
+
+def _load(args: argparse.Namespace) -> specs.PipelineSpec:
+    spec = specs.load_spec(args.spec)
+    overrides: dict = {}
+    if getattr(args, "storage", None):
+        overrides["storage"] = spec.storage.model_copy(update={"root": args.storage})
+    if getattr(args, "tracking_uri", None):
+        overrides["tracking"] = spec.tracking.model_copy(update={"uri": args.tracking_uri})
+    if getattr(args, "max_concurrent", None):
+        overrides["resources"] = spec.resources.model_copy(update={"max_concurrent": args.max_concurrent})
+    return spec.model_copy(update=overrides) if overrides else spec
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    trials = specs.expand(spec)
+    configs = {t.config_key for t in trials}
+    print(f"{args.spec}: valid. {len(trials)} trials = {len(configs)} configurations x {len(spec.seeds)} seeds")
+    for grid in spec.strategies:
+        points = specs.strategy_points(grid)
+        print(f"  {grid.name}: {len(points)} configuration(s)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    from clgrid import sweep
+
+    n = len(specs.expand(spec))
+    print(f"clgrid: {spec.name}: {n} trials; storage {Path(spec.storage.root).resolve()}; tracking {spec.tracking_uri}",
+          flush=True)
+    sweep_dir = sweep.prepare(spec)
+    outcome = sweep.run(sweep_dir, address=args.address)
+    print_summary(outcome)
+    return 1 if outcome.failed else 0
+
+
+def print_summary(outcome) -> None:
+    """Strategy rows: mean ± std over seeds of final accuracy, forgetting, BWT and train seconds."""
+    from rich.console import Console
+    from rich.table import Table
+
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for t in outcome.trials:
+        key = (t.trial.benchmark.id, t.trial.benchmark.scenario, _config_label(t.trial))
+        groups.setdefault(key, []).append(t.result["metrics"] if t.result else None)
+    table = Table(title=f"{outcome.experiment} (sweep {outcome.sweep_id})")
+    for col in ("benchmark", "scenario", "strategy", "seeds", "acc", "forgetting", "bwt", "train s"):
+        table.add_column(col, justify="left" if col in ("benchmark", "scenario", "strategy") else "right")
+    for (bench, scenario, label), results in groups.items():
+        done = [r for r in results if r is not None]
+        cells = [_mean_std([r[k] for r in done]) for k in ("acc", "forgetting", "bwt", "train_seconds")]
+        seeds = f"{len(done)}/{len(results)}"
+        table.add_row(bench, scenario, label, seeds, *cells)
+    console = Console(width=140)
+    console.print(table)
+    for t in outcome.failed:
+        console.print(f"[red]failed[/red]: {t.trial.label} (MLflow run {t.run_id}); see {outcome.sweep_dir / 'ray'}")
+    console.print(f"Open the runs in the MLflow UI:  mlflow ui --backend-store-uri {outcome.tracking_uri}"
+                  if not outcome.tracking_uri.startswith("http") else f"Runs are at {outcome.tracking_uri}")
+
+
+def _config_label(trial: specs.TrialSpec) -> str:
+    cfg = trial.strategy.model_dump()
+    defaults = type(trial.strategy)().model_dump()
+    changed = [f"{k}={v}" for k, v in cfg.items() if k != "name" and v != defaults[k]]
+    return trial.strategy.name + (f" ({', '.join(changed)})" if changed else "")
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from clgrid.benchmarks import SOURCES, BenchmarkSpec
+    from clgrid.models import ModelSpec
+    from clgrid.strategies import REGISTRY
+
+    print("benchmark sources: " + ", ".join(SOURCES))
+    print("scenarios: class-il, task-il, domain-il (domain: permuted | rotated | split)")
+    print("benchmark fields:")
+    _print_fields(BenchmarkSpec)
+    print("models: mlp, cnn, resnet18; model fields:")
+    _print_fields(ModelSpec)
+    print("strategies:")
+    for name, cls in sorted(REGISTRY.items()):
+        doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"  {name} [{', '.join(cls.scenarios)}]: {doc}")
+        _print_fields(cls.Config, indent=4, skip=("name",))
+    return 0
+
+
+def _print_fields(model, indent: int = 2, skip: tuple[str, ...] = ()) -> None:
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        desc = f"  # {info.description}" if info.description else ""
+        print(f"{' ' * indent}{name}: {info.default!r}{desc}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

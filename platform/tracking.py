@@ -1,0 +1,156 @@
+"""MLflow, through an explicit ``MlflowClient`` (never the fluent global run).
+
+One experiment per pipeline, one parent run per sweep, one child run per trial. Child runs are
+created by the driver before any trial starts; their ids travel in the trial configs, so a retried
+or restored trial writes to the same run. Per-experience metrics are logged with ``step`` = the
+experience index, and a step already present is not logged again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from clgrid.spec import TrialSpec  # noqa: E402
+
+T = TypeVar("T")
+MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+
+
+def with_retries(fn: Callable[[], T], attempts: int = 8, base_delay: float = 0.2) -> T:
+    """Calls ``fn``, retrying with jittered exponential backoff (SQLite "database is locked" from
+    concurrent trials, a tracking server that is briefly away)."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(base_delay * 2**attempt * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+@functools.lru_cache(maxsize=4)
+def client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def local_artifact_root(uri: str, storage_root: str) -> str | None:
+    """Where an embedded store keeps artifacts: beside the database, not in the caller's cwd."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None  # a server decides
+    return (Path(storage_root).resolve() / "mlartifacts").as_uri()
+
+
+def experiment_id(uri: str, name: str, storage_root: str) -> str:
+    c = client(uri)
+    found = with_retries(lambda: c.get_experiment_by_name(name))
+    if found is not None:
+        return found.experiment_id
+    return with_retries(lambda: c.create_experiment(name, artifact_location=local_artifact_root(uri, storage_root)))
+
+
+def flat_params(trial: TrialSpec) -> dict[str, str]:
+    """The trial's resolved config as flat, stable keys: ``strategy.ewc_lambda``, ``train.lr``..."""
+    out: dict[str, str] = {"seed": str(trial.seed)}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            out[prefix] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+    for section in ("benchmark", "strategy", "model", "train"):
+        walk(section, getattr(trial, section).model_dump(mode="json"))
+    out["benchmark.id"] = trial.benchmark.id
+    return out
+
+
+def trial_tags(trial: TrialSpec, sweep_id: str, parent_run_id: str) -> dict[str, str]:
+    return {
+        "mlflow.parentRunId": parent_run_id,
+        "mlflow.runName": trial.label,
+        "clgrid.role": "trial",
+        "clgrid.sweep_id": sweep_id,
+        "clgrid.strategy": trial.strategy.name,
+        "clgrid.benchmark": trial.benchmark.id,
+        "clgrid.scenario": trial.benchmark.scenario,
+        "clgrid.seed": str(trial.seed),
+        "clgrid.trial_key": trial.trial_key,
+        "clgrid.config_key": trial.config_key,
+        "clgrid.spec_hash": trial.spec_hash,
+    }
+
+
+def start_sweep(uri: str, exp_id: str, sweep_id: str, spec_hash: str, trials: list[TrialSpec]) -> tuple[str, dict[str, str]]:
+    """Creates the sweep's parent run and one child run per trial; returns their ids."""
+    c = client(uri)
+    parent = with_retries(lambda: c.create_run(exp_id, run_name=f"sweep-{sweep_id}", tags={
+        "clgrid.role": "sweep", "clgrid.sweep_id": sweep_id, "clgrid.spec_hash": spec_hash}))
+    run_ids = {}
+    for trial in trials:
+        run = with_retries(lambda: c.create_run(exp_id, tags=trial_tags(trial, sweep_id, parent.info.run_id)))
+        params = [Param(k, v) for k, v in flat_params(trial).items()]
+        with_retries(lambda: c.log_batch(run.info.run_id, params=params))
+        run_ids[trial.trial_key] = run.info.run_id
+    return parent.info.run_id, run_ids
+
+
+def logged_steps(uri: str, run_id: str) -> set[int]:
+    """Experiences already logged to a run (a restarted trial skips them)."""
+    return {m.step for m in with_retries(lambda: client(uri).get_metric_history(run_id, "acc"))}
+
+
+def log_experience(uri: str, run_id: str, step: int, row: list[float], summary: dict[str, float],
+                   costs: dict[str, float]) -> None:
+    now = int(time.time() * 1000)
+    values = {**summary, **costs, **{f"acc_on_exp_{j}": a for j, a in enumerate(row[: step + 1])}}
+    metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
+    for i in range(0, len(metrics), MAX_BATCH):
+        with_retries(lambda: client(uri).log_batch(run_id, metrics=metrics[i:i + MAX_BATCH]))
+
+
+def log_matrix(uri: str, run_id: str, R: list[list[float]], b: list[float], folder: Path) -> None:
+    """``accuracy_matrix.json`` and ``accuracy_matrix.png`` as artifacts of the trial's run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "accuracy_matrix.json").write_text(json.dumps({"R": R, "b": b, "experiences": list(range(len(R)))}))
+    heatmap(R, folder / "accuracy_matrix.png")
+    for name in ("accuracy_matrix.json", "accuracy_matrix.png"):
+        with_retries(lambda: client(uri).log_artifact(run_id, str(folder / name)))
+
+
+def heatmap(R: list[list[float]], path: Path, title: str = "accuracy matrix") -> None:
+    T = len(R)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * T, 1.0 + 0.6 * T))
+    im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+    for i in range(T):
+        for j in range(T):
+            ax.text(j, i, f"{R[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if R[i][j] < 0.6 else "black")
+    ax.set_xlabel("evaluated on experience j")
+    ax.set_ylabel("after training experience i")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    with_retries(lambda: client(uri).set_terminated(run_id, status))
+
+
+def run_status(uri: str, run_id: str) -> str:
+    return with_retries(lambda: client(uri).get_run(run_id)).info.status

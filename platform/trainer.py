@@ -1,0 +1,293 @@
+"""THE continual-learning loop. It owns zero_grad/backward/step, devices, evaluation and the meters.
+
+    fresh model -> evaluate every test experience (b, for forward transfer)
+    for each training experience i:
+        strategy.before_experience
+        for each batch: train_batch -> forward -> task loss + strategy.loss -> backward
+                        -> after_backward -> optimizer.step -> after_step
+        strategy.after_experience
+        evaluate every test experience -> row i of the accuracy matrix R
+        checkpoint (model, optimizer, strategy, replay, RNG states, R) -> report row i
+
+A trial folder that already holds a checkpoint resumes after its experience, with every random
+state restored, so an interrupted trial ends with the same accuracy matrix as an undisturbed one.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clgrid import checkpoint, metrics
+from clgrid.benchmarks import BenchmarkSpec, Experience, Stream, load_stream
+from clgrid.costs import Costs, FlopMeter, Stopwatch, peak_memory_bytes, tensor_bytes
+from clgrid.models import MASKED, build_model, module_bytes
+from clgrid.replay import TensorMemory
+from clgrid.spec import TrialSpec
+from clgrid.strategies import REGISTRY, Batch, Context
+
+
+
+@dataclass
+class ExperienceReport:
+    """What the loop reports after each experience (and re-reports from a checkpoint on resume)."""
+
+    experience: int
+    row: list[float]
+    metrics: dict[str, float]
+    costs: dict[str, float]
+
+
+@dataclass
+class TrialResult:
+    R: list[list[float]]
+    b: list[float]
+    metrics: dict[str, float]
+    costs: dict[str, float]
+    history: list[ExperienceReport] = field(default_factory=list)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_stream(spec_json: str, seed: int) -> Stream:
+    return load_stream(BenchmarkSpec.model_validate_json(spec_json), seed)
+
+
+def trial_device(trial: TrialSpec) -> torch.device:
+    return torch.device("cuda" if trial.resources.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
+
+
+class Trainer:
+    """Runs one trial. ``instrument=False`` turns off FLOP counting and checkpoints (for benchmarks)."""
+
+    def __init__(self, trial: TrialSpec, trial_dir: Path, *, device: torch.device | None = None,
+                 instrument: bool = True, on_experience: Callable[[ExperienceReport], None] | None = None):
+        self.trial, self.trial_dir = trial, Path(trial_dir)
+        self.device = device or trial_device(trial)
+        self.instrument = instrument
+        self.on_experience = on_experience or (lambda report: None)
+        torch.set_num_threads(max(1, int(trial.resources.cpus_per_trial)))  # one trial = its CPUs, no more
+        torch.use_deterministic_algorithms(self.device.type == "cpu", warn_only=True)
+        torch.manual_seed(trial.seed)
+        self.stream = _cached_stream(trial.benchmark.model_dump_json(), trial.seed)
+        self.strategy = REGISTRY[trial.strategy.name](trial.strategy)
+        model = build_model(trial.model, self.stream.input_shape, self.stream.num_classes,
+                            self.stream.task_classes, self.stream.scenario).to(self.device)
+        self.shuffle = torch.Generator().manual_seed(trial.seed)
+        self.task_mask = self._task_mask() if self.stream.scenario == "task-il" else None
+        self.flops = FlopMeter(enabled=instrument)
+        self.clock = Stopwatch(self.device)
+        self.samples_seen = 0
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.ctx = Context(
+            model=model, device=self.device, stream=self.stream, replay=self._memory(),
+            rng=torch.Generator().manual_seed(trial.seed + 1), batch_size=trial.train.batch_size,
+            epochs=trial.train.steps["epochs"], iterations=trial.train.steps["iterations"], lr=trial.train.lr,
+            mask=self.masked,
+            reset_optimizer=self.reset_optimizer, fit=self.fit,
+        )
+
+    def _memory(self):
+        capacity = int(getattr(self.trial.strategy, "buffer_size", 0))
+        if self.trial.storage.replay == "arrow" and capacity > 0:
+            from clgrid.replay.arrow_store import ArrowStore
+
+            return ArrowStore(self.trial_dir / "replay", capacity)
+        return TensorMemory(capacity)
+
+    def _task_mask(self) -> Tensor:
+        mask = torch.zeros(len(self.stream.train), self.stream.num_classes, dtype=torch.bool)
+        for i, classes in enumerate(self.stream.task_classes):
+            mask[i, list(classes)] = True
+        return mask.to(self.device)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def run(self) -> TrialResult:
+        ctx, strategy = self.ctx, self.strategy
+        state = checkpoint.latest(self.trial_dir) if self.instrument else None
+        if state is None:
+            R, history = [], []
+            b = self.evaluate()  # the fresh model, for forward transfer
+            start = 0
+        else:
+            R, b, history, start = self._restore(state)
+            for report in history:  # re-report: the tracker skips what it already has
+                self.on_experience(report)
+
+        for exp in self.stream.train[start:]:
+            ctx.experience = exp
+            ctx.seen = self.stream.train[: exp.index + 1]
+            with self.clock.timing():
+                self.reset_optimizer(ctx.model.parameters())
+                with self.flops.counting():
+                    strategy.before_experience(ctx)
+                self._train(exp.x, exp.y, self._task_ids(exp), self.steps,
+                            loss_fn=None, hooks=True)
+                with self.flops.counting():
+                    strategy.after_experience(ctx)
+            R.append(self.evaluate())
+            report = ExperienceReport(exp.index, R[-1], metrics.partial_summary(R, b), self.costs().as_dict())
+            history.append(report)
+            if self.instrument:
+                checkpoint.save(self.trial_dir, exp.index, self._state(R, b, history))
+            self.on_experience(report)
+
+        return TrialResult(R, b, metrics.summary(R, b), self.costs().as_dict(), history)
+
+    def _train(self, x: Tensor, y: Tensor, t: Tensor, steps: dict[str, int | None], *,
+               loss_fn: Callable[[Batch], Tensor] | None, hooks: bool,
+               optimizer: torch.optim.Optimizer | None = None, batch_size: int | None = None) -> None:
+        """Steps over (x, y, t); with ``hooks`` the strategy's batch hooks fire around every step."""
+        ctx, strategy = self.ctx, self.strategy
+        phase = self.flops.phase()
+        ctx.model.train()
+        for idx in self._batches(len(y), batch_size or ctx.batch_size, **steps):
+            batch = Batch(x[idx].to(self.device), y[idx].to(self.device), t[idx].to(self.device))
+            with phase.step(len(idx)):
+                if hooks:
+                    batch = strategy.train_batch(batch, ctx)
+                    if batch is None:
+                        continue
+                opt = optimizer or self.optimizer
+                opt.zero_grad(set_to_none=True)
+                if loss_fn is None:
+                    output = self.masked(ctx.model(batch.x, batch.t), batch.t)
+                    loss = F.cross_entropy(output, batch.y)
+                    extra = strategy.loss(batch, output, ctx) if hooks else None
+                    if extra is not None:
+                        loss = loss + extra
+                else:
+                    loss = loss_fn(batch)
+                loss.backward()
+                if hooks:
+                    strategy.after_backward(batch, ctx)
+                opt.step()
+                if hooks:
+                    strategy.after_step(batch, ctx)
+            self.samples_seen += len(batch)
+
+    def _batches(self, n: int, batch_size: int, epochs: int | None, iterations: int | None) -> Iterator[Tensor]:
+        """Shuffled index batches: ``epochs`` passes, or ``iterations`` steps cycling over passes."""
+        steps = 0
+        for _ in range(epochs or iterations or 0):
+            order = torch.randperm(n, generator=self.shuffle)
+            for start in range(0, n, batch_size):
+                if iterations is not None and steps == iterations:
+                    return
+                steps += 1
+                yield order[start:start + batch_size]
+
+    @property
+    def steps(self) -> dict[str, int | None]:
+        """The spec's per-experience budget."""
+        return {"epochs": self.ctx.epochs, "iterations": self.ctx.iterations}
+
+    def _task_ids(self, exp: Experience) -> Tensor:
+        return torch.full((len(exp.y),), exp.index, dtype=torch.long)
+
+    def masked(self, scores: Tensor, t: Tensor) -> Tensor:
+        """Task-IL: scores outside each sample's task classes are masked out; else unchanged."""
+        if self.task_mask is None:
+            return scores
+        return scores.masked_fill(~self.task_mask[t], MASKED)
+
+    # ---- what strategies call through ctx -------------------------------------------------
+
+    def reset_optimizer(self, params: Iterable[Any]) -> None:
+        self.optimizer = self._make_optimizer(params)
+
+    def _make_optimizer(self, params: Iterable[Any], lr: float | None = None) -> torch.optim.Optimizer:
+        train = self.trial.train
+        lr = lr or train.lr
+        if train.optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr, weight_decay=train.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay)
+
+    def fit(self, x: Tensor, y: Tensor, t: Tensor, *, epochs: int | None = None, iterations: int | None = None,
+            loss_fn: Callable[[Batch], Tensor] | None = None, params: Iterable[Any] | None = None,
+            lr: float | None = None, batch_size: int | None = None) -> None:
+        """Trains on (x, y, t) with a fresh optimizer over ``params`` (default: the model's), without
+        the strategy's batch hooks. ``loss_fn(batch)`` replaces the task loss of ``ctx.model``.
+        Default budget: the spec's epochs or iterations per experience."""
+        steps = ({"epochs": epochs, "iterations": None} if epochs else {"epochs": None, "iterations": iterations}) \
+            if (epochs or iterations) else self.steps
+        optimizer = self._make_optimizer(params if params is not None else self.ctx.model.parameters(), lr)
+        self._train(x, y, t, steps, loss_fn=loss_fn, hooks=False, optimizer=optimizer, batch_size=batch_size)
+
+    # ---- evaluation -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def evaluate(self) -> list[float]:
+        """Accuracy on every test experience (one row of R), in large batches without autograd."""
+        model, ctx = self.ctx.model, self.ctx
+        was_training = model.training
+        model.eval()
+        row = []
+        size = self.trial.train.eval_batch_size
+        for exp in self.stream.test:
+            correct = 0
+            for start in range(0, len(exp.y), size):
+                x = exp.x[start:start + size].to(self.device)
+                y = exp.y[start:start + size].to(self.device)
+                t = torch.full_like(y, exp.index)
+                scores = self.masked(self.strategy.predict(x, t, ctx), t)
+                correct += int((scores.argmax(1) == y).sum())
+            row.append(correct / max(len(exp.y), 1))
+        model.train(was_training)
+        return row
+
+    # ---- costs and checkpoints ------------------------------------------------------------
+
+    def costs(self) -> Costs:
+        share = self.trial.resources.gpus_per_trial if self.device.type == "cuda" else self.trial.resources.cpus_per_trial
+        return Costs(
+            train_flops=self.flops.total,
+            train_seconds=self.clock.seconds,
+            device_seconds=self.clock.seconds * share,
+            samples_seen=self.samples_seen,
+            peak_memory_bytes=peak_memory_bytes(self.device),
+            replay_bytes=self.ctx.replay.nbytes(),
+            model_bytes=module_bytes(self.ctx.model),
+            strategy_state_bytes=tensor_bytes(self.strategy.state_dict()),
+        )
+
+    def _state(self, R: list[list[float]], b: list[float], history: list[ExperienceReport]) -> dict[str, Any]:
+        """Everything the next experience depends on. The optimizer is not saved: every experience
+        starts a fresh one."""
+        self.ctx.replay.commit()
+        return {
+            "model": self.ctx.model.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "replay": self.ctx.replay.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state(), "strategy": self.ctx.rng.get_state()},
+            "meters": {"flops": self.flops.total, "seconds": self.clock.seconds, "samples": self.samples_seen},
+            "R": R, "b": b,
+            "history": [vars(h) for h in history],
+        }
+
+    def _restore(self, state: dict[str, Any]) -> tuple[list, list, list, int]:
+        ctx = self.ctx
+        self.strategy.load_state_dict(state["strategy"], ctx)  # may rebuild ctx.model first
+        ctx.model.load_state_dict(state["model"])
+        ctx.replay.load_state_dict(state["replay"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.shuffle.set_state(state["rng"]["shuffle"])
+        ctx.rng.set_state(state["rng"]["strategy"])
+        self.flops.total = state["meters"]["flops"]
+        self.clock.seconds = state["meters"]["seconds"]
+        self.samples_seen = state["meters"]["samples"]
+        start = state["experience"] + 1
+        ctx.seen = self.stream.train[:start]
+        ctx.experience = self.stream.train[start - 1]
+        history = [ExperienceReport(**h) for h in state["history"]]
+        return state["R"], state["b"], history, start
+
+
+def run_trial(trial: TrialSpec, trial_dir: Path, **kwargs: Any) -> TrialResult:
+    return Trainer(trial, trial_dir, **kwargs).run()

@@ -1,0 +1,79 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al. 2017); online EWC (Schwarz et al. 2018).
+
+After each experience the diagonal (empirical) Fisher information is estimated from real samples;
+later training pays lambda/2 * sum_i F_i (theta_i - theta*_i)^2 for moving important weights.
+``separate`` keeps one (F, theta*) per experience; ``online`` keeps one F, decayed by gamma.
+"""
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor
+from torch.func import functional_call, grad, vmap
+
+from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
+
+
+class EWCConfig(StrategyConfig):
+    name: Literal["ewc"] = "ewc"
+    ewc_lambda: float = Field(100.0, ge=0, description="penalty strength")
+    mode: Literal["separate", "online"] = "separate"
+    gamma: float = Field(1.0, ge=0, le=1, description="online mode: decay of the previous Fisher")
+    fisher_samples: int = Field(256, ge=1, description="real samples of the experience for the Fisher")
+
+
+def fisher_diagonal(ctx: Context, x: Tensor, y: Tensor, t: Tensor, chunk: int = 128) -> dict[str, Tensor]:
+    """Mean over samples of the squared per-sample gradient of the task loss (vmap over samples)."""
+    model = ctx.model
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor, ti: Tensor) -> Tensor:
+        scores = ctx.mask(functional_call(model, p, (xi[None], ti[None])), ti[None])
+        return F.cross_entropy(scores, yi[None])
+
+    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0))
+    for start in range(0, len(y), chunk):
+        s = slice(start, start + chunk)
+        for n, g in per_sample(params, x[s], y[s], t[s]).items():
+            fisher[n] += g.pow(2).sum(0)
+    return {n: f / len(y) for n, f in fisher.items()}
+
+
+class EWC(Strategy):
+    Config = EWCConfig
+
+    def __init__(self, config: EWCConfig):
+        super().__init__(config)
+        self.anchors: list[dict[str, dict[str, Tensor]]] = []  # per consolidation: {"fisher", "params"}
+
+    def loss(self, batch: Batch, output: Tensor, ctx: Context) -> Tensor | None:
+        if not self.anchors:
+            return None
+        penalty = output.new_zeros(())
+        params = dict(ctx.model.named_parameters())
+        for anchor in self.anchors:
+            for n, f in anchor["fisher"].items():
+                penalty = penalty + (f * (params[n] - anchor["params"][n]).pow(2)).sum()
+        return 0.5 * self.config.ewc_lambda * penalty
+
+    def after_experience(self, ctx: Context) -> None:
+        exp = ctx.experience
+        pick = torch.randperm(len(exp.y), generator=ctx.rng)[: self.config.fisher_samples]
+        x, y = exp.x[pick].to(ctx.device), exp.y[pick].to(ctx.device)
+        t = torch.full_like(y, exp.index)
+        fisher = fisher_diagonal(ctx, x, y, t)
+        params = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if n in fisher}
+        if self.config.mode == "online" and self.anchors:
+            old = self.anchors[0]["fisher"]
+            fisher = {n: self.config.gamma * old[n] + f for n, f in fisher.items()}
+            self.anchors = []
+        self.anchors.append({"fisher": fisher, "params": params})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"anchors": self.anchors}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: Context) -> None:
+        self.anchors = state["anchors"]
