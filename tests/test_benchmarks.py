@@ -14,7 +14,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from clgrid.benchmarks import BenchmarkSpec, load_stream
+from clgrid.benchmarks import BenchmarkSpec, load_stream, sources
 from clgrid.benchmarks.sources import MissingDataError, load_source
 
 
@@ -209,22 +209,41 @@ def test_idx_with_wrong_magic_is_rejected(tmp_path):
         load_source("mnist", str(tmp_path), False)
 
 
-def write_cifar_batch(path: Path, count: int, label_key: bytes, first_label: int) -> None:
+class Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 ``str`` and numpy 1's global names, like the real CIFAR files."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_python2_str(self, obj: bytes) -> None:
+        self.write(pickle.BINSTRING + struct.pack("<I", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_python2_str
+
+
+def write_cifar_batch(path: Path, count: int, label_key: bytes, first_label: int, python2: bool = False) -> None:
     batch = {
         b"batch_label": b"fake batch",
         label_key: [(first_label + i) % 10 for i in range(count)],
         b"data": np.arange(count * 3072, dtype=np.int64).reshape(count, 3072).astype(np.uint8),
         b"filenames": [b"img.png"] * count,
     }
-    path.write_bytes(pickle.dumps(batch, protocol=2))  # the protocol of the real files
+    buffer = io.BytesIO()
+    if python2:
+        Python2Pickler(buffer, protocol=2).dump(batch)
+        data = buffer.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    else:  # Python 3 at the files' protocol 2: bytes become _codecs.encode(...) calls
+        pickle.dump(batch, buffer, protocol=2)
+        data = buffer.getvalue()
+    path.write_bytes(data)
 
 
 def test_cifar10_reads_torchvision_layout(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     for i in range(1, 6):
-        write_cifar_batch(folder / f"data_batch_{i}", 2, b"labels", first_label=2 * (i - 1))
-    write_cifar_batch(folder / "test_batch", 3, b"labels", first_label=7)
+        write_cifar_batch(folder / f"data_batch_{i}", 2, b"labels", first_label=2 * (i - 1), python2=True)
+    write_cifar_batch(folder / "test_batch", 3, b"labels", first_label=7, python2=True)
     train_x, train_y, test_x, test_y = load_source("cifar10", str(tmp_path), False)
     assert train_x.shape == (10, 3, 32, 32) and test_x.shape == (3, 3, 32, 32)
     assert train_y.tolist() == list(range(10)) and test_y.tolist() == [7, 8, 9]
@@ -253,17 +272,35 @@ def test_missing_files_give_a_clear_error(tmp_path, name, folder):
     assert isinstance(error.value, FileNotFoundError)
 
 
+def test_download_is_attempted_only_when_allowed(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(name, root):
+        calls.append(name)
+        write_mnist_layout(root, "FashionMNIST", gzipped=True)
+
+    monkeypatch.setattr(sources, "_download", fake_download)
+    with pytest.raises(MissingDataError):
+        load_source("fashion-mnist", str(tmp_path / "a"), False)
+    assert calls == []
+    train_x, _, _, _ = load_source("fashion-mnist", str(tmp_path / "b"), True)
+    assert calls == ["fashion-mnist"] and train_x.shape == (12, 1, 28, 28)
+
+
 class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_cifar_pickle_with_a_foreign_global_is_refused(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     write_cifar_batch(folder / "test", 2, b"fine_labels", first_label=0)
-    buffer = io.BytesIO()
-    pickle.dump({b"data": _Exploit(), b"fine_labels": [0]}, buffer, protocol=2)
-    (folder / "train").write_bytes(buffer.getvalue())
+    marker = tmp_path / "pwned"
+    (folder / "train").write_bytes(pickle.dumps({b"data": _Exploit(marker), b"fine_labels": [0]}, protocol=2))
     with pytest.raises(pickle.UnpicklingError, match=r"refusing .*(posix|os|nt)\.system"):
         load_source("cifar100", str(tmp_path), False)
+    assert not marker.exists()

@@ -24,6 +24,7 @@ _ROTATE_CHUNK = 8192
 def load_stream(spec: BenchmarkSpec, seed: int) -> Stream:
     """The stream of a benchmark for one trial: a pure function of the spec and the seed."""
     train_x, train_y, test_x, test_y = load_source(spec.source, spec.data_root, spec.download)
+    input_shape = tuple(train_x.shape[1:])
     if spec.splits_classes:
         groups = class_groups(spec, seed)
         relabel = spec.scenario == "domain-il"
@@ -31,14 +32,15 @@ def load_stream(spec: BenchmarkSpec, seed: int) -> Stream:
         test = _split_by_class(test_x, test_y, groups, relabel)
         num_classes = len(groups[0]) if relabel else NUM_CLASSES[spec.source]
     else:
-        transforms = _domain_transforms(spec, seed, input_shape=tuple(train_x.shape[1:]))
+        transforms = _domain_transforms(spec, seed, input_shape)
+        # labels are cloned so no experience aliases the per-process cached source tensors
         train = [Experience(i, t(train_x), train_y.clone(), _all(spec)) for i, t in enumerate(transforms)]
         test = [Experience(i, t(test_x), test_y.clone(), _all(spec)) for i, t in enumerate(transforms)]
         num_classes = NUM_CLASSES[spec.source]
     return Stream(
         name=spec.id,
         scenario=spec.scenario,
-        input_shape=tuple(train_x.shape[1:]),
+        input_shape=input_shape,
         num_classes=num_classes,
         train=train,
         test=test,
