@@ -1,0 +1,125 @@
+"""Report figures, drawn on matplotlib's Agg canvas without pyplot (no global state, no display)."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from clgrid.stats import pareto_front
+
+# (mean, CI half-width) per configuration, in the order of the labels.
+Series = tuple[Sequence[float], Sequence[float]]
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """Render a figure to PNG bytes."""
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    return buf.getvalue()
+
+
+def _new_figure(nrows: int, ncols: int, cell: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(cell[0] * ncols, cell[1] * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    return fig, axes
+
+
+def _use_log_x(ax, xs: Sequence[float]) -> None:
+    # Costs often span orders of magnitude (a replay buffer vs none); log keeps all points legible.
+    pos = [x for x in xs if math.isfinite(x) and x > 0]
+    if len(pos) == len([x for x in xs if math.isfinite(x)]) and pos and max(pos) / min(pos) > 50:
+        ax.set_xscale("log")
+
+
+def tradeoff_figure(
+    labels: Sequence[str], xs: Mapping[str, Series], ys: Mapping[str, tuple[Series, bool]]
+) -> Figure:
+    """One panel per (y metric, x cost): points with CI error bars and the Pareto front.
+
+    `ys` maps a metric name to its series and whether higher is better.
+    """
+    fig, axes = _new_figure(len(ys), len(xs), (5.0, 3.8))
+    colors = [f"C{i % 10}" for i in range(len(labels))]
+    panels = [(yname, ydata, xname, xdata) for yname, ydata in ys.items() for xname, xdata in xs.items()]
+    for ax, (yname, ((ym, yh), maximize), xname, (xm, xh)) in zip(axes, panels):
+        for i, label in enumerate(labels):
+            ax.errorbar(xm[i], ym[i], xerr=np.nan_to_num(xh[i]), yerr=np.nan_to_num(yh[i]),
+                        fmt="o", color=colors[i], capsize=3, label=label)
+        front = pareto_front(list(zip(xm, ym)), maximize_y=maximize)
+        if front:
+            ax.plot([xm[i] for i in front], [ym[i] for i in front], "k--", drawstyle="steps-post",
+                    linewidth=1, label="Pareto front")
+        _use_log_x(ax, xm)
+        ax.set_xlabel(xname)
+        ax.set_ylabel(f"{yname} ({'higher' if maximize else 'lower'} is better)")
+        ax.grid(alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=min(4, len(names)), fontsize=8)
+    return fig
+
+
+def _panel_grid(n: int, cell: tuple[float, float]) -> tuple[Figure, np.ndarray]:
+    ncols = min(n, 3)
+    fig, axes = _new_figure(math.ceil(n / ncols), ncols, cell)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def heatmap_figure(mats: Sequence[tuple[str, np.ndarray, Sequence[str]]]) -> Figure:
+    """Annotated accuracy-matrix heatmaps, one panel per (label, R, experience names)."""
+    fig, axes = _panel_grid(len(mats), (3.6, 3.4))
+    for ax, (label, r, names) in zip(axes, mats):
+        im = ax.imshow(r, vmin=0.0, vmax=1.0, cmap="viridis")
+        if r.shape[0] <= 20:  # beyond that the numbers are unreadable anyway
+            for (i, j), v in np.ndenumerate(r):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if v > 0.6 else "white")
+        ax.set_xticks(range(r.shape[1]), names[: r.shape[1]], fontsize=7)
+        ax.set_yticks(range(r.shape[0]), names[: r.shape[0]], fontsize=7)
+        ax.set_xlabel("evaluated on experience")
+        ax.set_ylabel("after training experience")
+        ax.set_title(label, fontsize=9)
+    fig.colorbar(im, ax=axes.tolist(), shrink=0.6, label="accuracy")
+    return fig
+
+
+def stream_figure(mats: Sequence[tuple[str, np.ndarray, Sequence[str]]]) -> Figure:
+    """Accuracy on each experience from the moment it is learned to the end of the stream."""
+    fig, axes = _panel_grid(len(mats), (3.8, 3.0))
+    for ax, (label, r, names) in zip(axes, mats):
+        steps = np.arange(r.shape[0])
+        for j in range(min(r.shape)):
+            ax.plot(steps[j:], r[j:, j], marker=".", label=f"exp {names[j]}")
+        seen = [r[i, : i + 1].mean() for i in steps]
+        ax.plot(steps, seen, "k-", linewidth=2, label="mean of seen")
+        ax.set_xticks(steps, [str(n) for n in names[: r.shape[0]]], fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("after training experience")
+        ax.set_ylabel("accuracy")
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def sensitivity_figure(strategy: str, param: str, values: Sequence[str], acc: Series) -> Figure:
+    """Mean accuracy (with CI) against the one hyperparameter the grid varies for a strategy."""
+    fig, (ax,) = _new_figure(1, 1, (5.0, 3.5))
+    try:
+        xs = [float(v) for v in values]
+    except ValueError:  # categorical hyperparameter: evenly spaced, labelled ticks
+        xs = list(range(len(values)))
+        ax.set_xticks(xs, list(values))
+    ax.errorbar(xs, acc[0], yerr=np.nan_to_num(np.asarray(acc[1], dtype=float)), fmt="o-", capsize=3)
+    _use_log_x(ax, xs)
+    ax.set_xlabel(param)
+    ax.set_ylabel("ACC")
+    ax.set_title(f"{strategy}: sensitivity to {param}", fontsize=9)
+    ax.grid(alpha=0.3)
+    return fig

@@ -1,0 +1,67 @@
+"""Small statistics used by the report: seed summaries, paired tests, Pareto fronts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+ALPHA = 0.05
+
+
+def summarize(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and 95% Student-t CI half-width of the finite values.
+
+    The half-width is NaN with fewer than two values (no spread to estimate); both are NaN when
+    nothing is finite.
+    """
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if x.size == 0:
+        return math.nan, math.nan
+    if x.size == 1:
+        return float(x[0]), math.nan
+    t = stats.t.ppf(0.5 + CONFIDENCE / 2, x.size - 1)
+    return float(x.mean()), float(t * x.std(ddof=1) / math.sqrt(x.size))
+
+
+def paired_p_value(a: Mapping[str, float], b: Mapping[str, float]) -> float | None:
+    """Two-sided paired t-test p-value over the seeds present (and finite) in both.
+
+    None when fewer than two seeds pair up. Differences that are (numerically) constant get
+    p = 1 if they are zero and p = 0 otherwise: a deterministic cost such as FLOPs is either
+    identical or consistently different, and scipy would return NaN or warn there.
+    """
+    seeds = [s for s in a if s in b and math.isfinite(a[s]) and math.isfinite(b[s])]
+    if len(seeds) < 2:
+        return None
+    x = np.array([a[s] for s in seeds])
+    y = np.array([b[s] for s in seeds])
+    d = x - y
+    scale = max(1.0, float(np.abs(x).max()), float(np.abs(y).max()))
+    if np.ptp(d) <= 1e-12 * scale:
+        return 1.0 if abs(d[0]) <= 1e-12 * scale else 0.0
+    return float(stats.ttest_rel(x, y).pvalue)
+
+
+def pareto_front(points: list[tuple[float, float]], maximize_y: bool) -> list[int]:
+    """Indices of the non-dominated points, sorted by x (then by index).
+
+    x is a cost to minimise; y is maximised (accuracy) or minimised (forgetting). A point is
+    dominated when another is at least as good on both axes and strictly better on one, so
+    duplicates of a front point all stay on the front. Points with a NaN coordinate are ignored.
+    """
+    sign = 1.0 if maximize_y else -1.0
+    pts = [(x, sign * y) for x, y in points]
+    finite = [i for i, (x, y) in enumerate(pts) if math.isfinite(x) and math.isfinite(y)]
+
+    def dominated(i: int) -> bool:
+        xi, yi = pts[i]
+        return any(
+            pts[j][0] <= xi and pts[j][1] >= yi and (pts[j][0] < xi or pts[j][1] > yi)
+            for j in finite
+        )
+
+    return sorted((i for i in finite if not dominated(i)), key=lambda i: (pts[i][0], i))
