@@ -23,7 +23,9 @@ class ReplayMemory(Protocol):
         """Offers ``rows`` to the memory; ``policy`` ("reservoir" or "class_balanced") picks the slots."""
 
     def write(self, slots: Tensor, rows: Rows) -> None:
-        """Overwrites the given slots (extending the memory when a slot equals its length)."""
+        """Overwrites the given slots (extending the memory when a slot equals its length).
+
+        ``rows`` carries the same columns on every call: the first write fixes them."""
 
     def truncate(self, length: int) -> None:
         """Keeps the first ``length`` slots."""
@@ -69,6 +71,9 @@ class TensorMemory:
 
     def write(self, slots: Tensor, rows: Rows) -> None:
         rows = {k: v.detach().cpu() for k, v in rows.items()}
+        if self._cols and rows.keys() != self._cols.keys():
+            # a column written for some slots only would leave the columns with different lengths
+            raise ValueError(f"replay rows have columns {sorted(rows)}; the memory holds {sorted(self._cols)}")
         n_new = int(slots.max()) + 1 - len(self) if len(slots) else 0
         for name, values in rows.items():
             col = self._cols.get(name)

@@ -20,7 +20,8 @@ def place(
 def reservoir(n_new: int, seen: int, capacity: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """Reservoir sampling (Vitter 1985): the i-th sample offered is kept with probability capacity/i."""
     src, slots = [], []
-    draws = torch.rand(n_new, generator=generator)
+    # float64: float32 draws hold 24 random bits, so past ~16M samples some slots could never be picked
+    draws = torch.rand(n_new, generator=generator, dtype=torch.float64)
     for i in range(n_new):
         k = seen + i  # samples offered before this one
         if k < capacity:
