@@ -59,7 +59,7 @@ def tradeoff_figure(
         ax.set_ylabel(f"{yname} ({'higher' if maximize else 'lower'} is better)")
         ax.grid(alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside lower center", ncols=min(4, len(names)), fontsize=8)
+    fig.legend(handles, names, loc="outside lower center", ncols=min(5, len(names)), fontsize=8)
     return fig
 
 

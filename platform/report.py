@@ -5,9 +5,10 @@ names another. Sweeps of the same pipeline may come from different specs or code
 them would silently mix grids. An experiment without any sweep parent run (trials logged
 directly) is reported as a whole.
 
-The summary metrics are recomputed from each run's `accuracy_matrix.json` so that every column,
-including intransigence against the group's `joint` reference, comes from one source; the
-logged metrics are the fallback when the artifact is missing. Costs are the logged metrics.
+The summary metrics are recomputed (clgrid.metrics) from each run's `accuracy_matrix.json` so
+that every column, including intransigence against the group's `joint` reference, comes from one
+source; the logged metrics are the fallback when the artifact is missing or malformed. Costs are
+the logged metrics.
 """
 
 from __future__ import annotations
@@ -29,16 +30,17 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from clgrid import plots
+from clgrid import metrics, plots
 from clgrid.stats import ALPHA, paired_p_value, pareto_front, summarize
 
-__all__ = ["ReportError", "ReportResult", "build_report", "matrix_metrics", "pareto_front", "summarize"]
+__all__ = ["BUDGET_KEYS", "ReportError", "ReportResult", "build_report", "pareto_front", "summarize"]
 
 MATRIX_ARTIFACT = "accuracy_matrix.json"
 ARTIFACT_DIR = "report"
 JOINT = "joint"
 FINISHED = "FINISHED"
 STORAGE_PARTS = ("replay_bytes", "strategy_state_bytes", "model_bytes")
+BUDGET_KEYS = ("compute_flops", "storage_bytes")
 
 
 class ReportError(RuntimeError):
@@ -70,7 +72,11 @@ class Column:
     def fmt(self, v: float) -> str:
         if not math.isfinite(v):
             return "—"
-        return f"{v:.3f}" if self.scale is None else f"{v * self.scale:.3g}"
+        if self.scale is None:
+            text = f"{v:.3f}"
+        else:  # 3 significant digits, without switching to 1.1e+03 for large values
+            text = f"{v * self.scale:.3g}" if abs(v * self.scale) < 1000 else f"{v * self.scale:.0f}"
+        return text.removeprefix("-") if float(text) == 0 else text  # no "-0.000"
 
 
 COLUMNS = (
@@ -88,7 +94,6 @@ COLUMNS = (
     Column("model_bytes", "model MB", False, 1e-6),
     Column("strategy_state_bytes", "strategy state MB", False, 1e-6),
 )
-MATRIX_KEYS = ("acc", "bwt", "fwt", "forgetting", "learning_acc")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,8 +103,8 @@ MATRIX_KEYS = ("acc", "bwt", "fwt", "forgetting", "learning_acc")
 @dataclass
 class Matrix:
     r: np.ndarray
-    b: np.ndarray | None
     names: list[str]
+    summary: dict[str, float]  # clgrid.metrics.summary of r and b
 
 
 @dataclass
@@ -154,14 +159,20 @@ class Image:
 
 
 @dataclass
+class Budget:
+    text: str  # the budgets, and the verdict when nothing fits
+    best: Config | None = None
+    detail: str = ""  # what follows the chosen configuration's label
+
+
+@dataclass
 class Group:
     benchmark: str
     scenario: str
     configs: list[Config]  # configurations with at least one finished run, in table order
     seeds: list[str]
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
-    budget: str = ""  # sentence with a {best} placeholder for the chosen label
-    best: Config | None = None
+    budget: Budget | None = None
     images: list[Image] = field(default_factory=list)
 
     @property
@@ -209,13 +220,14 @@ def _load_matrix(client: MlflowClient, run_id: str, tmp: Path) -> Matrix:
     local = client.download_artifacts(run_id, MATRIX_ARTIFACT, str(tmp / run_id))
     data = json.loads(Path(local).read_text())
     r = np.asarray(data["R"], dtype=float)
-    if r.ndim != 2 or r.size == 0:
-        raise ValueError(f"R has shape {r.shape}, expected a non-empty matrix")
-    b = np.asarray(data["b"], dtype=float) if data.get("b") is not None else None
+    b = [float(x) for x in data["b"]]
+    if len(b) != len(r):
+        raise ValueError(f"b has {len(b)} entries for {len(r)} experiences")
+    summary = metrics.summary(r, b)  # ValueError unless R is square
     exps = data.get("experiences") or []
     # Experiences may be described by dicts; a short name is all the plots need.
     names = [str(e) if isinstance(e, (str, int, float)) else str(i) for i, e in enumerate(exps)]
-    return Matrix(r, b, names if len(names) >= max(r.shape) else [str(i) for i in range(max(r.shape))])
+    return Matrix(r, names if len(names) == len(r) else [str(i) for i in range(len(r))], summary)
 
 
 def _trial(client: MlflowClient, run: Run, tmp: Path) -> Trial:
@@ -241,50 +253,22 @@ def _trial(client: MlflowClient, run: Run, tmp: Path) -> Trial:
 # Metrics and aggregation
 
 
-def matrix_metrics(r: np.ndarray, b: np.ndarray | None) -> dict[str, float]:
-    """ACC, BWT, FWT, forgetting and learning accuracy of a T x T accuracy matrix (design.md).
-
-    Only ACC is defined for a non-square matrix; transfer and forgetting need T >= 2.
-    """
-    final = r[-1]
-    out = dict.fromkeys(MATRIX_KEYS, math.nan) | {"acc": float(final.mean())}
-    if r.shape[0] != r.shape[1]:
-        return out
-    t, diag = r.shape[0], np.diag(r)
-    out["learning_acc"] = float(diag.mean())
-    if t < 2:
-        return out
-    out["bwt"] = float((final[:-1] - diag[:-1]).mean())
-    out["forgetting"] = float((r[:-1, :-1].max(axis=0) - final[:-1]).mean())
-    if b is not None and b.shape[0] == t:
-        out["fwt"] = float(np.mean([r[j - 1, j] - b[j] for j in range(1, t)]))
-    return out
-
-
-def _reference_accuracy(r: np.ndarray) -> np.ndarray:
-    # A joint run trained once on everything has a single row; a cumulative one has the diagonal.
-    return r[0] if r.shape[0] == 1 else np.diag(r)
-
-
 def _joint_reference(configs: list[Config]) -> np.ndarray | None:
-    """Mean per-experience accuracy of the group's joint strategy (the best one if several)."""
+    """Mean accuracy matrix of the group's joint strategy (the most accurate one if several)."""
     joints = [c for c in configs if c.strategy == JOINT and any(t.matrix for t in c.by_seed.values())]
     if not joints:
         return None
     best = max(joints, key=lambda c: np.nan_to_num(c.summary("acc")[0], nan=-1.0))
-    refs = [_reference_accuracy(t.matrix.r) for t in best.by_seed.values() if t.matrix]
-    if len({len(x) for x in refs}) != 1:
-        return None
-    return np.mean(refs, axis=0)
+    mats = [t.matrix.r for t in best.by_seed.values() if t.matrix]
+    return np.mean(mats, axis=0) if len({m.shape for m in mats}) == 1 else None
 
 
 def _trial_values(t: Trial, joint: np.ndarray | None) -> dict[str, float]:
     vals = {c.key: t.metrics.get(c.key, math.nan) for c in COLUMNS}
     if t.matrix is not None:
-        vals.update(matrix_metrics(t.matrix.r, t.matrix.b))
-        r = t.matrix.r
-        if joint is not None and r.shape[0] == r.shape[1] == len(joint):
-            vals["intransigence"] = float((joint - np.diag(r)).mean())
+        vals.update(t.matrix.summary)
+        if joint is not None and joint.shape == t.matrix.r.shape:
+            vals["intransigence"] = metrics.intransigence(t.matrix.r, joint)
     # An absent storage component is taken as zero bytes (e.g. no replay buffer).
     vals["storage_bytes"] = float(sum(t.metrics.get(k, 0.0) for k in STORAGE_PARTS))
     return vals
@@ -315,7 +299,7 @@ def _mark_column(configs: list[Config], col: Column) -> dict[str, Cell]:
     best = [c for c in finite if math.isclose(cells[c.key].mean, target, rel_tol=1e-12, abs_tol=1e-15)]
     for c in finite:
         cell = cells[c.key]
-        if c in best:
+        if any(c.key == b.key for b in best):
             cell.mark = "best"
             continue
         cell.p = paired_p_value(c.values[col.key], best[0].values[col.key])
@@ -423,9 +407,8 @@ def _fmt_bytes(x: float) -> str:
     return f"{x / 1e6:.3g} MB"
 
 
-def _choose_under_budget(group: Group, budgets: dict | None) -> None:
+def _choose_under_budget(group: Group, budgets: dict) -> Budget:
     """Highest mean ACC among configurations whose mean compute and storage fit the budgets."""
-    budgets = budgets or {}
     flops = {c.key: c.summary("train_flops")[0] for c in group.configs}
     storage = {c.key: c.summary("storage_bytes")[0] for c in group.configs}
 
@@ -439,19 +422,17 @@ def _choose_under_budget(group: Group, budgets: dict | None) -> None:
     max_storage, storage_src = limit("storage_bytes", storage)
     fits = [c for c in group.configs if flops[c.key] <= max_flops and storage[c.key] <= max_storage
             and math.isfinite(c.summary("acc")[0])]
-    head = (f"Compute budget {_fmt_flops(max_flops)} ({flops_src}), storage budget "
+    text = (f"Compute budget {_fmt_flops(max_flops)} ({flops_src}), storage budget "
             f"{_fmt_bytes(max_storage)} ({storage_src}; replay + strategy state + model): ")
     if not fits:
-        group.budget = head + "no configuration fits both budgets."
-        return
+        return Budget(text + "no configuration fits both budgets.")
     best = max(fits, key=lambda c: (c.summary("acc")[0], -flops[c.key]))
     acc, hw = best.summary("acc")
     ci = f" ± {hw:.3f}" if math.isfinite(hw) else ""
     partial = len(best.by_seed) < len(group.seeds)
-    group.best = best
-    group.budget = (head + f"the most accurate configuration that fits is {{best}}: ACC {acc:.3f}{ci}, "
-                    f"{_fmt_flops(flops[best.key])}, {_fmt_bytes(storage[best.key])}"
-                    + (f" (only {len(best.by_seed)} of {len(group.seeds)} seeds finished)." if partial else "."))
+    detail = (f": ACC {acc:.3f}{ci}, {_fmt_flops(flops[best.key])}, {_fmt_bytes(storage[best.key])}"
+              + (f" (only {len(best.by_seed)} of {len(group.seeds)} seeds finished)." if partial else "."))
+    return Budget(text + "the most accurate configuration that fits is ", best, detail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,7 +499,8 @@ MARK_TEXT = {"best": "★", "tie": "≈", "n/a": "n/a", "": ""}
 LEGEND = ("Mean ± 95% CI over seeds (Student t). ★ best in the column; ≈ not significantly different "
           "from the best (paired t-test over matching seeds, p ≥ 0.05); n/a: fewer than 2 paired seeds, "
           "no test. Higher is better for ACC, BWT, FWT, LA; lower for forgetting, intransigence "
-          "and costs. Intransigence is against the group's joint strategy.")
+          "and costs. Intransigence is against the group's joint strategy. ⚠: seeds missing, "
+          "see Missing or failed runs.")
 
 
 def _cell_text(col: Column, cell: Cell) -> str:
@@ -561,9 +543,10 @@ def _html_table(group: Group) -> str:
     return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
 
 
-def _budget_text(group: Group, bold: Callable[[str], str], escape: Callable[[str], str]) -> str:
-    parts = escape(group.budget).split("{best}")
-    return bold(escape(group.best.label)).join(parts) if group.best else parts[0]
+def _budget_text(budget: Budget, bold: Callable[[str], str], escape: Callable[[str], str]) -> str:
+    if budget.best is None:
+        return escape(budget.text)
+    return escape(budget.text) + bold(escape(budget.best.label)) + escape(budget.detail)
 
 
 def _issue_rows(issues: list[Issue]) -> list[list[str]]:
@@ -584,7 +567,7 @@ def _render_md(experiment: str, intro: str, groups: list[Group], issues: list[Is
     out = [f"# Cost-vs-forgetting report: {experiment}", "", intro, "", LEGEND, ""]
     for g in groups:
         out += [f"## {g.title}", "", *_md_table(g), "", "### Best under a budget", "",
-                _budget_text(g, lambda s: f"**{s}**", _md_escape), ""]
+                _budget_text(g.budget, lambda s: f"**{s}**", _md_escape), ""]
         out += [line for img in g.images for line in (f"### {img.title}", "", f"![{img.title}]({img.path.name})", "")]
     out += ["## Missing or failed runs", ""]
     if issues:
@@ -618,7 +601,7 @@ def _render_html(experiment: str, intro: str, groups: list[Group], issues: list[
     body.append(f"<p><small>{e(LEGEND)}</small></p>")
     for g in groups:
         body += [f"<h2>{e(g.title)}</h2>", _html_table(g), "<h3>Best under a budget</h3>",
-                 f"<p>{_budget_text(g, lambda s: f'<strong>{s}</strong>', e)}</p>"]
+                 f"<p>{_budget_text(g.budget, lambda s: f'<strong>{s}</strong>', e)}</p>"]
         for img in g.images:
             data = base64.b64encode(img.png).decode("ascii")
             body += [f"<h3>{e(img.title)}</h3>", f"<img alt='{e(img.title)}' src='data:image/png;base64,{data}'>"]
@@ -669,6 +652,9 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, budgets: dic
     `storage_bytes`; a missing one defaults to the median cost of the group's configurations.
     Raises ReportError when there is nothing finished to report on.
     """
+    budgets = dict(budgets or {})
+    if unknown := set(budgets) - set(BUDGET_KEYS):
+        raise ReportError(f"unknown budget keys {sorted(unknown)}; expected {', '.join(BUDGET_KEYS)}")
     client = MlflowClient(tracking_uri)
     parent, trials = _read_trials(client, experiment, sweep_id)
     _check_finished(experiment, parent, trials)
@@ -677,7 +663,7 @@ def build_report(experiment: str, tracking_uri: str, out_dir: Path, budgets: dic
     issues: list[Issue] = []
     groups = _build_groups(trials, issues)
     for g in groups:
-        _choose_under_budget(g, budgets)
+        g.budget = _choose_under_budget(g, budgets)
         _draw(g, out_dir)
     n_finished = sum(t.status == FINISHED for t in trials)
     intro = _header_text(experiment, parent, len(trials), n_finished)

@@ -63,7 +63,7 @@ def cost_metrics(config_key: str, seed: int) -> dict[str, float]:
             "model_bytes": MODEL_BYTES, "strategy_state_bytes": state}
 
 
-def log_trial(client, exp_id, parent_id, label, strategy, key, params, seed, status, tmp) -> str:
+def log_trial(client, exp_id, parent_id, label, strategy, key, params, seed, status, tmp, matrix=True) -> str:
     tags = {"mlflow.parentRunId": parent_id, "clgrid.role": "trial", "clgrid.strategy": strategy,
             "clgrid.benchmark": BENCH, "clgrid.scenario": SCENARIO, "clgrid.seed": str(seed),
             "clgrid.trial_key": f"{key}-s{seed}", "clgrid.spec_hash": "spec1", "clgrid.config_key": key}
@@ -73,12 +73,13 @@ def log_trial(client, exp_id, parent_id, label, strategy, key, params, seed, sta
                   "train.lr": "0.01", **params}
     client.log_batch(rid, params=[Param(k, v) for k, v in all_params.items()])
     if status == "FINISHED":
-        matrix = make_matrix(key, seed)
-        path = tmp / rid / "accuracy_matrix.json"
-        path.parent.mkdir(parents=True)
-        path.write_text(json.dumps(matrix))
-        client.log_artifact(rid, str(path))
-        metrics = cost_metrics(key, seed) | {"acc": float(np.mean(matrix["R"][-1]))}
+        m = make_matrix(key, seed)
+        if matrix:
+            path = tmp / rid / "accuracy_matrix.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps(m))
+            client.log_artifact(rid, str(path))
+        metrics = cost_metrics(key, seed) | {"acc": float(np.mean(m["R"][-1]))}
         client.log_batch(rid, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
     client.set_terminated(rid, status)
     return rid
@@ -93,6 +94,7 @@ def store(tmp_path_factory):
     exp_id = client.create_experiment(EXPERIMENT, artifact_location=(tmp / "artifacts").as_uri())
     old = client.create_run(exp_id, start_time=1_000, tags={"clgrid.role": "sweep", "clgrid.sweep_id": "s-old"})
     log_trial(client, exp_id, old.info.run_id, "lwf", "lwf", "cfg-lwf", {}, 1, "FINISHED", tmp)
+    log_trial(client, exp_id, old.info.run_id, "lwf", "lwf", "cfg-lwf", {}, 2, "FINISHED", tmp, matrix=False)
     client.set_terminated(old.info.run_id, "FINISHED")
     new = client.create_run(exp_id, start_time=2_000, tags={"clgrid.role": "sweep", "clgrid.sweep_id": "s-new"})
     runs = {}
@@ -237,7 +239,14 @@ def test_budget_section(store, tmp_path):
     assert "fits is **naive**: ACC" in budget
     tiny = {"compute_flops": 1.0, "storage_bytes": 1.0}
     md = build_report(EXPERIMENT, store["uri"], tmp_path / "b", budgets=tiny, sweep_id="s-old").markdown.read_text()
-    assert "no configuration fits both budgets" in md and "| lwf | 1/1 |" in md
+    assert "no configuration fits both budgets" in md
+    # A finished run without its matrix still counts, from its logged metrics, and is listed.
+    header, rows = md_table(md)
+    acc = np.mean([np.mean(make_matrix("cfg-lwf", s)["R"][-1]) for s in (1, 2)])
+    assert rows["lwf"][1] == "2/2" and parse_cell(rows["lwf"][header.index("ACC")])[0] == pytest.approx(acc, abs=6e-4)
+    assert "no usable accuracy_matrix.json (MlflowException): logged metrics used" in md
+    with pytest.raises(ReportError, match="unknown budget keys.*compute_budget_flops"):
+        build_report(EXPERIMENT, store["uri"], tmp_path / "c", budgets={"compute_budget_flops": 1e9})
 
 
 def test_default_budget_is_the_median(report):
