@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
-from torch.func import functional_call, grad, vmap
 
+from clgrid.strategies._penalty import per_sample_gradient_mean, quadratic_penalty, snapshot
 from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
 
 
@@ -24,22 +24,13 @@ class EWCConfig(StrategyConfig):
     fisher_samples: int = Field(256, ge=1, description="real samples of the experience for the Fisher")
 
 
-def fisher_diagonal(ctx: Context, x: Tensor, y: Tensor, t: Tensor, chunk: int = 128) -> dict[str, Tensor]:
-    """Mean over samples of the squared per-sample gradient of the task loss (vmap over samples)."""
-    model = ctx.model
-    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+def fisher_diagonal(ctx: Context, x: Tensor, y: Tensor, t: Tensor) -> dict[str, Tensor]:
+    """Mean over samples of the squared per-sample gradient of the task loss."""
 
-    def sample_loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor, ti: Tensor) -> Tensor:
-        scores = ctx.mask(functional_call(model, p, (xi[None], ti[None])), ti[None])
-        return F.cross_entropy(scores, yi[None])
+    def sample_loss(scores: Tensor, yi: Tensor, ti: Tensor) -> Tensor:
+        return F.cross_entropy(ctx.mask(scores, ti), yi)
 
-    fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0, 0))
-    for start in range(0, len(y), chunk):
-        s = slice(start, start + chunk)
-        for n, g in per_sample(params, x[s], y[s], t[s]).items():
-            fisher[n] += g.pow(2).sum(0)
-    return {n: f / len(y) for n, f in fisher.items()}
+    return per_sample_gradient_mean(ctx.model, sample_loss, torch.square, x, y, t)
 
 
 class EWC(Strategy):
@@ -52,11 +43,7 @@ class EWC(Strategy):
     def loss(self, batch: Batch, output: Tensor, ctx: Context) -> Tensor | None:
         if not self.anchors:
             return None
-        penalty = output.new_zeros(())
-        params = dict(ctx.model.named_parameters())
-        for anchor in self.anchors:
-            for n, f in anchor["fisher"].items():
-                penalty = penalty + (f * (params[n] - anchor["params"][n]).pow(2)).sum()
+        penalty = sum(quadratic_penalty(ctx.model, a["params"], a["fisher"]) for a in self.anchors)
         return 0.5 * self.config.ewc_lambda * penalty
 
     def after_experience(self, ctx: Context) -> None:
@@ -65,7 +52,7 @@ class EWC(Strategy):
         x, y = exp.x[pick].to(ctx.device), exp.y[pick].to(ctx.device)
         t = torch.full_like(y, exp.index)
         fisher = fisher_diagonal(ctx, x, y, t)
-        params = {n: p.detach().clone() for n, p in ctx.model.named_parameters() if n in fisher}
+        params = snapshot(ctx.model)
         if self.config.mode == "online" and self.anchors:
             old = self.anchors[0]["fisher"]
             fisher = {n: self.config.gamma * old[n] + f for n, f in fisher.items()}
