@@ -1,0 +1,44 @@
+"""Averaged GEM (Chaudhry et al. 2019, "Efficient Lifelong Learning with A-GEM").
+
+After backward, the gradient g is compared with a reference gradient g_ref of the loss on a batch of
+the episodic memory; if they conflict (g . g_ref < 0), g is projected onto the half-space where
+the memory loss does not increase: g <- g - (g . g_ref / g_ref . g_ref) g_ref.
+The memory holds random samples of every experience, split evenly over the experiences seen so far.
+"""
+
+from typing import Literal
+
+from pydantic import Field
+from torch import Tensor
+
+from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
+from clgrid.strategies.episodic import experience_sample, flat_grad, loss_grad, regroup, set_flat_grad, trainable
+
+
+class AGEMConfig(StrategyConfig):
+    name: Literal["agem"] = "agem"
+    buffer_size: int = Field(200, ge=1, description="samples the memory holds, split over the experiences seen")
+    reference_batch_size: int = Field(256, ge=1, description="memory samples behind each reference gradient")
+
+
+def project(g: Tensor, g_ref: Tensor) -> Tensor:
+    """g itself if it agrees with g_ref, else its projection onto the plane orthogonal to g_ref."""
+    dot = g @ g_ref
+    if dot >= 0:
+        return g
+    return g - dot / (g_ref @ g_ref) * g_ref
+
+
+class AGEM(Strategy):
+    Config = AGEMConfig
+
+    def after_backward(self, batch: Batch, ctx: Context) -> None:
+        if len(ctx.replay) == 0:
+            return
+        params = trainable(ctx.model)
+        g_ref = loss_grad(ctx, params, ctx.replay.sample(self.config.reference_batch_size, ctx.rng))
+        set_flat_grad(params, project(flat_grad(params), g_ref))
+
+    def after_experience(self, ctx: Context) -> None:
+        per_experience = self.config.buffer_size // len(ctx.seen)
+        regroup(ctx, "t", per_experience, experience_sample(ctx, per_experience))
