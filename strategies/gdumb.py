@@ -1,0 +1,38 @@
+"""GDumb (Prabhu et al. 2020, "GDumb: A Simple Approach that Questions Our Progress in Continual Learning").
+
+The stream only fills a greedy class-balanced memory (each sample offered once) and is never trained
+on; after each experience the model is re-initialised and trained from scratch on the memory alone.
+"""
+
+from typing import Literal
+
+from pydantic import Field
+
+from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
+
+
+class GDumbConfig(StrategyConfig):
+    name: Literal["gdumb"] = "gdumb"
+    buffer_size: int = Field(200, ge=1, description="samples the memory holds")
+    epochs: int = Field(30, ge=1, description="passes over the memory after each experience")
+
+
+class GDumb(Strategy):
+    Config = GDumbConfig
+
+    def before_experience(self, ctx: Context) -> None:
+        self.offered = 0
+
+    def train_batch(self, batch: Batch, ctx: Context) -> None:
+        # only the first pass over the experience: later epochs would offer the same samples again
+        if self.offered < len(ctx.experience.y):
+            ctx.replay.insert({"x": batch.x, "y": batch.y, "t": batch.t}, "class_balanced", ctx.rng)
+            self.offered += len(batch)
+        return None
+
+    def after_experience(self, ctx: Context) -> None:
+        for module in ctx.model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        rows = ctx.replay.rows()
+        ctx.fit(rows["x"], rows["y"], rows["t"], epochs=self.config.epochs)
