@@ -69,9 +69,8 @@ def log_trial(client, exp_id, parent_id, label, strategy, key, params, seed, sta
             "clgrid.trial_key": f"{key}-s{seed}", "clgrid.spec_hash": "spec1", "clgrid.config_key": key}
     run = client.create_run(exp_id, tags=tags, run_name=f"{label} seed {seed}")
     rid = run.info.run_id
-    all_params = {"strategy.name": strategy, "benchmark.source": "digits", "seed": str(seed),
-                  "train.lr": "0.01", **params}
-    client.log_batch(rid, params=[Param(k, v) for k, v in all_params.items()])
+    params = {"strategy.name": strategy, "benchmark.source": "digits", "seed": str(seed), "train.lr": "0.01", **params}
+    metrics = {}
     if status == "FINISHED":
         m = make_matrix(key, seed)
         if matrix:
@@ -80,7 +79,8 @@ def log_trial(client, exp_id, parent_id, label, strategy, key, params, seed, sta
             path.write_text(json.dumps(m))
             client.log_artifact(rid, str(path))
         metrics = cost_metrics(key, seed) | {"acc": float(np.mean(m["R"][-1]))}
-        client.log_batch(rid, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
+    client.log_batch(rid, params=[Param(k, v) for k, v in params.items()],
+                     metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
     client.set_terminated(rid, status)
     return rid
 
