@@ -43,15 +43,18 @@ class TrainSpec(Strict):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
 
-    @model_validator(mode="after")
-    def _one_budget(self) -> "TrainSpec":
-        if self.iterations is not None and "epochs" in self.model_fields_set:
-            raise ValueError("give either epochs or iterations per experience, not both")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _one_budget(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("iterations") is not None:
+            if data.get("epochs") is not None:
+                raise ValueError("give either epochs or iterations per experience, not both")
+            data = {**data, "epochs": None}
+        return data
 
     @property
     def steps(self) -> dict[str, int | None]:
-        return {"epochs": None, "iterations": self.iterations} if self.iterations else {"epochs": self.epochs, "iterations": None}
+        return {"epochs": self.epochs, "iterations": self.iterations}
 
 
 class ResourcesSpec(Strict):
@@ -276,7 +279,7 @@ def _format_error(err: dict, root: yaml.Node, filename: str) -> str:
     loc, msg = err["loc"], err["msg"]
     if err["type"] == "union_tag_invalid":
         loc = (*loc, "name")
-        msg = f"unknown strategy {err['ctx']['tag']}; valid strategies: {', '.join(sorted(REGISTRY))}"
+        msg = f"unknown strategy '{err['ctx']['tag']}'; valid strategies: {', '.join(sorted(REGISTRY))}"
     elif err["type"] == "union_tag_not_found":
         msg = f"a strategy needs a 'name'; valid strategies: {', '.join(sorted(REGISTRY))}"
     path, line = _line(root, loc)

@@ -1,0 +1,112 @@
+"""Spec validation: every problem at once with file:line, grids, stable keys, bundled pipelines."""
+
+from pathlib import Path
+
+import pytest
+
+from clgrid import spec as specs
+from conftest import run_clgrid, tiny_spec
+
+FIVE_MISTAKES = """\
+name: broken
+benchmarks:
+  - source: mnist5k
+    scenario: class-il
+    experiences: 0
+strategies:
+  - name: naive
+  - name: replay
+    buffer_size: -5
+  - name: ewc
+    ewc_lamda: 10
+train:
+  batch_size: 32
+  lr: fast
+seeds: [0]
+resources:
+  gpus_per_trial: -1
+"""
+
+
+def test_validate_reports_all_five_mistakes_with_their_lines(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text(FIVE_MISTAKES)
+    proc = run_clgrid("validate", str(path))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    expected = {
+        5: "benchmarks.0.experiences",
+        9: "strategies.1.buffer_size.0",
+        11: "strategies.2.ewc_lamda",
+        14: "train.lr",
+        17: "resources.gpus_per_trial",
+    }
+    assert len(lines) == 5, proc.stderr
+    for line in lines:
+        file, lineno, path_, _ = line.split(":", 3)
+        assert file == str(path)
+        assert expected[int(lineno)] == path_.strip(), line
+
+
+def test_unknown_strategy_lists_the_valid_ones() -> None:
+    with pytest.raises(specs.SpecError) as err:
+        specs.parse_spec("name: x\nbenchmarks: [{source: digits, scenario: class-il}]\nstrategies:\n  - name: magic\n", "s.yaml")
+    (problem,) = err.value.problems
+    assert problem.startswith("s.yaml:4: strategies.0.name: unknown strategy 'magic'")
+    assert "naive" in problem and "replay" in problem
+
+
+def test_unknown_benchmark_source_lists_the_valid_ones() -> None:
+    with pytest.raises(specs.SpecError) as err:
+        specs.parse_spec("name: x\nbenchmarks: [{source: imagenet, scenario: class-il}]\nstrategies: [{name: naive}]\n")
+    assert "'digits'" in err.value.problems[0] and "'mnist5k'" in err.value.problems[0]
+
+
+def test_yaml_syntax_error_names_the_line() -> None:
+    with pytest.raises(specs.SpecError) as err:
+        specs.parse_spec("name: x\nbenchmarks: [\n  - oops: : :\n", "bad.yaml")
+    assert err.value.problems[0].startswith("bad.yaml:")
+
+
+def test_lists_are_grid_axes_and_expand_in_order() -> None:
+    spec = specs.PipelineSpec.model_validate(tiny_spec(
+        [{"name": "ewc", "ewc_lambda": [1, 10], "mode": ["separate", "online"]}, {"name": "naive"}], seeds=[0, 1]))
+    trials = specs.expand(spec)
+    assert len(trials) == (4 + 1) * 2
+    assert [(t.strategy.name, getattr(t.strategy, "ewc_lambda", None), t.seed) for t in trials[:4]] == [
+        ("ewc", 1.0, 0), ("ewc", 1.0, 1), ("ewc", 1.0, 0), ("ewc", 1.0, 1)]
+    assert len({t.trial_key for t in trials}) == len(trials)
+    assert len({t.config_key for t in trials}) == 5
+
+
+def test_trial_keys_are_stable_and_depend_on_the_config() -> None:
+    a = specs.expand(specs.PipelineSpec.model_validate(tiny_spec([{"name": "naive"}])))[0]
+    b = specs.expand(specs.PipelineSpec.model_validate(tiny_spec([{"name": "naive"}])))[0]
+    c = specs.expand(specs.PipelineSpec.model_validate(tiny_spec([{"name": "naive", "lr_scale": 0.1}])))[0]
+    assert a.trial_key == b.trial_key != c.trial_key
+    assert specs.TrialSpec.model_validate_json(a.model_dump_json()) == a
+
+
+def test_grid_larger_than_the_cap_is_refused_with_the_count() -> None:
+    data = tiny_spec([{"name": "ewc", "ewc_lambda": list(range(1, 51))}], seeds=list(range(5)), max_trials=100)
+    with pytest.raises(specs.SpecError, match="250 trials, more than max_trials=100"):
+        specs.parse_spec(__import__("yaml").safe_dump(data))
+
+
+def test_every_bundled_pipeline_validates() -> None:
+    names = specs.bundled_pipelines()
+    assert "quickstart" in names
+    for name in names:
+        assert specs.expand(specs.load_spec(name)), name
+
+
+def test_validate_prints_the_grid_of_a_bundled_pipeline() -> None:
+    proc = run_clgrid("validate", "quickstart")
+    assert proc.returncode == 0, proc.stderr
+    assert "12 trials = 4 configurations x 3 seeds" in proc.stdout
+
+
+def test_list_shows_strategies_with_their_parameters() -> None:
+    proc = run_clgrid("list")
+    assert proc.returncode == 0, proc.stderr
+    assert "ewc_lambda" in proc.stdout and "mnist5k" in proc.stdout and "buffer_size" in proc.stdout

@@ -1,0 +1,59 @@
+"""End to end: `clgrid run` on a real local Ray instance with a real MLflow SQLite store."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import run_clgrid, tiny_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    spec = tiny_spec([{"name": "naive"}, {"name": "replay", "buffer_size": 40}], seeds=[0, 1], name="e2e")
+    (root / "e2e.yaml").write_text(yaml.safe_dump(spec))
+    proc = run_clgrid("run", "e2e.yaml", "--storage", str(root / "runs"), cwd=root)
+    return root, proc
+
+
+def test_run_prints_the_summary_table_and_the_ui_command(sweep) -> None:
+    root, proc = sweep
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "naive" in proc.stdout and "replay (buffer_size=40)" in proc.stdout
+    assert "2/2" in proc.stdout  # seeds finished per row
+    assert f"mlflow ui --backend-store-uri sqlite:///{root / 'runs'}/mlflow.db" in proc.stdout
+
+
+def test_one_child_run_per_trial_with_tags_params_metrics_and_artifacts(sweep) -> None:
+    root, _ = sweep
+    client = MlflowClient(f"sqlite:///{root / 'runs'}/mlflow.db")
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("clgrid.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("clgrid.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 4
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags["clgrid.trial_key"] for r in children}) == 4
+    for run in children:
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        assert tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert tags["clgrid.benchmark"] == "split-digits" and tags["clgrid.scenario"] == "class-il"
+        assert params["strategy.name"] == tags["clgrid.strategy"] and params["seed"] == tags["clgrid.seed"]
+        for key in ("acc", "bwt", "fwt", "forgetting", "learning_acc", "train_flops", "train_seconds",
+                    "device_seconds", "samples_seen", "peak_memory_bytes", "replay_bytes", "model_bytes",
+                    "strategy_state_bytes"):
+            assert key in metrics, key
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "acc")] == [0, 1]
+        local = client.download_artifacts(run.info.run_id, "accuracy_matrix.json", str(root))
+        matrix = json.loads(Path(local).read_text())
+        assert len(matrix["R"]) == 2 and len(matrix["b"]) == 2
+        assert metrics["acc"] == pytest.approx(sum(matrix["R"][-1]) / 2)
+        names = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"accuracy_matrix.json", "accuracy_matrix.png"} <= names
+    replay_runs = [r for r in children if r.data.tags["clgrid.strategy"] == "replay"]
+    assert all(r.data.metrics["replay_bytes"] > 0 for r in replay_runs)
