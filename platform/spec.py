@@ -73,7 +73,8 @@ class TrackingSpec(Strict):
 
 class StorageSpec(Strict):
     root: str = Field("clgrid-runs", description="folder (or URI) for checkpoints, replay shards, Ray results")
-    replay: Literal["arrow", "memory"] = Field("memory", description="where replay memories live")
+    replay: Literal["arrow", "memory"] = Field(
+        "arrow", description="replay memories in durable Arrow shards in the trial folder, or in process memory")
 
 
 class ReportSpec(Strict):

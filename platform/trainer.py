@@ -29,6 +29,7 @@ from clgrid.benchmarks import BenchmarkSpec, Experience, Stream, load_stream
 from clgrid.costs import Costs, FlopMeter, Stopwatch, peak_memory_bytes, tensor_bytes
 from clgrid.models import MASKED, build_model, module_bytes
 from clgrid.replay import TensorMemory
+from clgrid.replay.arrow_store import ArrowReplayStore
 from clgrid.spec import TrialSpec
 from clgrid.strategies import REGISTRY, Batch, Context
 
@@ -94,10 +95,8 @@ class Trainer:
 
     def _memory(self):
         capacity = int(getattr(self.trial.strategy, "buffer_size", 0))
-        if self.trial.storage.replay == "arrow" and capacity > 0:
-            from clgrid.replay.arrow_store import ArrowStore
-
-            return ArrowStore(self.trial_dir / "replay", capacity)
+        if self.trial.storage.replay == "arrow" and capacity > 0 and self.instrument:
+            return ArrowReplayStore(self.trial_dir / "replay", capacity)
         return TensorMemory(capacity)
 
     def _task_mask(self) -> Tensor:
@@ -142,7 +141,8 @@ class Trainer:
 
     def _train(self, x: Tensor, y: Tensor, t: Tensor, steps: dict[str, int | None], *,
                loss_fn: Callable[[Batch], Tensor] | None, hooks: bool,
-               optimizer: torch.optim.Optimizer | None = None, batch_size: int | None = None) -> None:
+               optimizer: torch.optim.Optimizer | None = None, batch_size: int | None = None,
+               after_step: Callable[[Batch], None] | None = None) -> None:
         """Steps over (x, y, t); with ``hooks`` the strategy's batch hooks fire around every step."""
         ctx, strategy = self.ctx, self.strategy
         phase = self.flops.phase()
@@ -170,6 +170,8 @@ class Trainer:
                 opt.step()
                 if hooks:
                     strategy.after_step(batch, ctx)
+                if after_step is not None:
+                    after_step(batch)
             self.samples_seen += len(batch)
 
     def _batches(self, n: int, batch_size: int, epochs: int | None, iterations: int | None) -> Iterator[Tensor]:
@@ -211,14 +213,17 @@ class Trainer:
 
     def fit(self, x: Tensor, y: Tensor, t: Tensor, *, epochs: int | None = None, iterations: int | None = None,
             loss_fn: Callable[[Batch], Tensor] | None = None, params: Iterable[Any] | None = None,
-            lr: float | None = None, batch_size: int | None = None) -> None:
+            lr: float | None = None, batch_size: int | None = None,
+            after_step: Callable[[Batch], None] | None = None) -> None:
         """Trains on (x, y, t) with a fresh optimizer over ``params`` (default: the model's), without
-        the strategy's batch hooks. ``loss_fn(batch)`` replaces the task loss of ``ctx.model``.
-        Default budget: the spec's epochs or iterations per experience."""
+        the strategy's batch hooks. ``loss_fn(batch)`` replaces the task loss of ``ctx.model``;
+        ``after_step(batch)`` fires after every optimizer step (proximal updates, frozen-weight
+        restores). Default budget: the spec's epochs or iterations per experience."""
         steps = ({"epochs": epochs, "iterations": None} if epochs else {"epochs": None, "iterations": iterations}) \
             if (epochs or iterations) else self.steps
         optimizer = self._make_optimizer(params if params is not None else self.ctx.model.parameters(), lr)
-        self._train(x, y, t, steps, loss_fn=loss_fn, hooks=False, optimizer=optimizer, batch_size=batch_size)
+        self._train(x, y, t, steps, loss_fn=loss_fn, hooks=False, optimizer=optimizer, batch_size=batch_size,
+                    after_step=after_step)
 
     # ---- evaluation -----------------------------------------------------------------------
 

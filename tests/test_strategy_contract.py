@@ -26,11 +26,11 @@ def test_trains_two_experiences_and_resumes_exactly(name: str, scenario: str, tm
     assert all(0.0 <= a <= 1.0 for row in full.R for a in row)
     assert full.costs["train_flops"] > 0 and full.costs["model_bytes"] > 0
 
-    # A fresh trainer (a fresh strategy instance) that finds only the checkpoint after experience 0
-    # must continue to the same matrix as the uninterrupted run.
-    resumed_dir = tmp_path / "resumed" / "checkpoints"
-    resumed_dir.mkdir(parents=True)
-    shutil.copy(tmp_path / "full" / "checkpoints" / "exp-000.pt", resumed_dir)
+    # A fresh trainer (a fresh strategy instance) that finds the trial folder as a crash during
+    # experience 1 leaves it (the last checkpoint is after experience 0, the replay store may hold
+    # newer manifests) must continue to the same matrix as the uninterrupted run.
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    (tmp_path / "resumed" / "checkpoints" / "exp-001.pt").unlink()
     resumed = run_trial(trial, tmp_path / "resumed")
     assert resumed.R == full.R
     assert resumed.b == full.b

@@ -49,8 +49,8 @@ def test_multi_head_model_trains_and_resumes(tmp_path: Path) -> None:
                        train={"epochs": 3, "batch_size": 32, "lr": 0.01})
     full = run_trial(trial, tmp_path / "full")
     assert min(full.R[1]) > 0.8  # two 5-way tasks, task labels given at test time
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copy(tmp_path / "full" / "checkpoints" / "exp-000.pt", tmp_path / "resumed" / "checkpoints")
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    (tmp_path / "resumed" / "checkpoints" / "exp-001.pt").unlink()
     assert run_trial(trial, tmp_path / "resumed").R == full.R
 
 
