@@ -24,13 +24,15 @@ class GEMConfig(StrategyConfig):
     margin: float = Field(0.5, ge=0, description="lower bound of the dual variables (the paper's memory strength)")
 
 
-def project(g: Tensor, memory_grads: Tensor, margin: float, eps: float = 1e-3) -> Tensor:
+def project(g: Tensor, memory_grads: Tensor, margin: float, ridge: float = 1e-3) -> Tensor:
     """The GEM update for gradient g [p] under the constraints of memory_grads [k, p]."""
     G = memory_grads.double()
+    identity = torch.eye(len(G), dtype=G.dtype)
     P = G @ G.T
-    P = 0.5 * (P + P.T) + eps * torch.eye(len(G), dtype=P.dtype)  # symmetric and strictly convex for quadprog
+    # quadprog needs P strictly convex; a ridge relative to P's scale leaves each constraint
+    # violated by at most ~ridge of its size, whatever the gradients' magnitude
+    P = 0.5 * (P + P.T) + ridge * P.diagonal().mean() * identity
     q = G @ g.double()
-    identity = torch.eye(len(G), dtype=P.dtype)
     # qpsolvers: min 1/2 v'Pv + q'v s.t. Gv <= h; here -v <= -margin
     v = solve_qp(P.numpy(), q.numpy(), -identity.numpy(), -margin * identity.sum(1).numpy(), solver="quadprog")
     if v is None:
