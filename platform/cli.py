@@ -27,10 +27,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", help="storage root for checkpoints, replay shards and results")
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     p.add_argument("--address", help="attach to a running Ray cluster (ray://HOST:10001 or 'auto')")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("list", help="benchmarks, scenarios, strategies and models with their parameters")
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("report", help="cost-vs-forgetting report (HTML + Markdown) of a sweep's MLflow runs")
+    p.add_argument("target", help="an MLflow experiment name, a spec file or a bundled pipeline name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, or SQLite in ./clgrid-runs)")
+    p.add_argument("--out", help="output folder (default: <storage>/reports/<experiment>)")
+    p.add_argument("--sweep", help="a sweep id (default: the latest sweep of the experiment)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("replay", help="replay-store tools")
+    replay = p.add_subparsers(dest="replay_command", required=True)
+    p = replay.add_parser("inspect", help="a replay store's manifest, shards, rows per class and checksums")
+    p.add_argument("path", help="the store folder (a trial's replay/ folder) or URI")
+    p.set_defaults(func=cmd_replay_inspect)
 
     args = parser.parse_args(argv)
     try:
@@ -73,7 +87,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     sweep_dir = sweep.prepare(spec)
     outcome = sweep.run(sweep_dir, address=args.address)
     print_summary(outcome)
+    if not args.no_report:
+        _write_report(spec.experiment, outcome.tracking_uri, Path(spec.storage.root), None, spec, outcome.sweep_id)
     return 1 if outcome.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The target is a spec (its experiment, tracking URI and storage) or an experiment name."""
+    try:
+        spec = _load(argparse.Namespace(spec=args.target, tracking_uri=args.tracking_uri))
+    except specs.SpecError:
+        if Path(args.target).suffix in (".yaml", ".yml"):
+            raise
+        spec = None
+    experiment = spec.experiment if spec else args.target
+    uri = spec.tracking_uri if spec else (args.tracking_uri or f"sqlite:///{Path('clgrid-runs').resolve()}/mlflow.db")
+    root = Path(spec.storage.root) if spec else Path("clgrid-runs")
+    return _write_report(experiment, uri, root, args.out, spec, args.sweep)
+
+
+def _write_report(experiment: str, uri: str, root: Path, out: str | None, spec: specs.PipelineSpec | None,
+                  sweep_id: str | None) -> int:
+    from clgrid.report import ReportError, build_report
+
+    budgets = None
+    if spec is not None:
+        budgets = {"compute_flops": spec.report.compute_budget_flops, "storage_bytes": spec.report.storage_budget_bytes}
+    out_dir = Path(out) if out else root.resolve() / "reports" / experiment
+    try:
+        result = build_report(experiment, uri, out_dir, budgets=budgets, sweep_id=sweep_id)
+    except ReportError as exc:
+        print(f"clgrid report: {exc}", file=sys.stderr)
+        return 1
+    print(f"Report of {result.n_finished}/{result.n_runs} runs, {result.n_configs} configurations: "
+          f"{result.html} (and {result.markdown.name})")
+    return 0
+
+
+def cmd_replay_inspect(args: argparse.Namespace) -> int:
+    from clgrid.replay.inspect import inspect_store
+
+    report = inspect_store(args.path)
+    print(report)
+    return report.exit_status
 
 
 def print_summary(outcome) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -127,7 +126,7 @@ class PipelineSpec(Strict):
     def tracking_uri(self) -> str:
         return self.tracking.uri or f"sqlite:///{Path(self.storage.root).resolve()}/mlflow.db"
 
-    @cached_property
+    @property
     def spec_hash(self) -> str:
         return _digest(self.model_dump(mode="json"))
 
