@@ -57,3 +57,23 @@ def test_one_child_run_per_trial_with_tags_params_metrics_and_artifacts(sweep) -
         assert {"accuracy_matrix.json", "accuracy_matrix.png"} <= names
     replay_runs = [r for r in children if r.data.tags["clgrid.strategy"] == "replay"]
     assert all(r.data.metrics["replay_bytes"] > 0 for r in replay_runs)
+
+
+def test_run_ends_with_a_report_whose_numbers_come_from_the_runs_matrices(sweep) -> None:
+    root, proc = sweep
+    report_dir = root / "runs" / "reports" / "e2e"
+    assert f"{report_dir / 'report.html'}" in proc.stdout
+    markdown = (report_dir / "report.md").read_text()
+    client = MlflowClient(f"sqlite:///{root / 'runs'}/mlflow.db")
+    exp = client.get_experiment_by_name("e2e")
+    for strategy in ("naive", "replay"):
+        runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("clgrid.strategy") == strategy]
+        accs = []
+        for run in runs:
+            path = client.download_artifacts(run.info.run_id, "accuracy_matrix.json", str(root))
+            R = json.loads(Path(path).read_text())["R"]
+            accs.append(sum(R[-1]) / len(R[-1]))
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {strategy}"))
+        acc_cell = row.split("|")[3].strip()
+        assert acc_cell.startswith(f"{sum(accs) / len(accs):.3f} ±"), (row, accs)
+    assert markdown.count(".png)") >= 3  # trade-off, matrices, stream plots
