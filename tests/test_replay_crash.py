@@ -49,7 +49,7 @@ def apply_commit(memory, k: int) -> None:
 
 def writer(root: str, commits: int | None = None) -> None:
     store = ArrowReplayStore(root, CAPACITY)
-    k = store.manifest_id or 0
+    k = store.manifest_id
     print(f"open {k} {os.getpid()}", flush=True)
     while commits is None or k < commits:
         k += 1
@@ -112,7 +112,7 @@ def test_sigkilled_writers_always_leave_the_last_durable_commit_intact(tmp_path,
                 acked = int(line.split()[1])
 
             store = ArrowReplayStore(tmp_path, CAPACITY)  # newest verifying manifest, shards verified
-            k = store.manifest_id or 0
+            k = store.manifest_id
             assert k in (acked, acked + 1), f"opened at {k}; the writer had acknowledged {acked}"
             ahead += k == acked + 1
             for j in range(ref_k + 1, k + 1):

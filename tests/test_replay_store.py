@@ -152,6 +152,11 @@ def test_reopen_at_an_older_manifest_gives_the_older_content(tmp_path):
     old.write(torch.tensor([0]), batch(1, 9))
     assert old.commit() == 4
     assert_rows_equal(ArrowReplayStore(tmp_path, manifest=1).rows(), snapshots[1][0])
+    # manifest 0 is the empty store: a trial restarting without a checkpoint starts from nothing
+    fresh = ArrowReplayStore(tmp_path, 20, manifest=0)
+    assert (len(fresh), fresh.seen, fresh.manifest_id, fresh.nbytes()) == (0, 0, 0, 0)
+    fresh.insert(batch(5, 0), generator=torch.Generator())
+    assert fresh.commit() == 5 and len(ArrowReplayStore(tmp_path)) == 5
 
 
 def test_default_keeps_the_previous_manifest_and_removes_older(tmp_path):

@@ -16,6 +16,7 @@ import os
 import warnings
 from typing import Any
 
+import numpy as np
 import pyarrow.fs as pafs
 import torch
 from torch import Tensor
@@ -36,11 +37,14 @@ class ArrowReplayStore:
 
     root:       the store folder: a local path or a URI pyarrow.fs understands
     capacity:   number of slots; required to create a store, checked against an existing one
-    manifest:   the manifest id to open at (resume); None opens the newest that verifies
+    manifest:   the manifest id to open at (resume); None opens the newest that verifies; 0 starts
+                empty whatever the folder holds (a trial restarted without a checkpoint), leaving
+                older manifests to be removed as new commits supersede them
     keep:       how many of the newest manifests (with their shards) a commit keeps; the manifest
                 a commit started from is kept as well, so a checkpoint recording it can still resume
     filesystem: a pyarrow FileSystem in which ``root`` is a path (instead of a URI)
 
+    One writer per store: two stores writing the same folder would remove each other's files.
     Raises ReplayStoreError subclasses when the store cannot be opened as it was written.
     """
 
@@ -63,33 +67,52 @@ class ArrowReplayStore:
     # --- opening -----------------------------------------------------------------------------
 
     def _open(self, manifest_id: int | None) -> None:
-        m = newest_manifest(self.root) if manifest_id is None else read_manifest(self.root, manifest_id)
+        if manifest_id == 0:
+            m = None
+        else:
+            m = newest_manifest(self.root) if manifest_id is None else read_manifest(self.root, manifest_id)
         if m is None:
             if self.capacity is None:
                 raise ReplayStoreError(f"{self.root} holds no replay store; give a capacity to create one")
-            self._install(None, [], {}, seen=0, src=torch.zeros(0, dtype=torch.long), row=torch.zeros(0, dtype=torch.long))
+            self._install(None, [], {}, 0, np.zeros(0, np.int64), np.zeros(0, np.int64))
             return
         if self.capacity is not None and self.capacity != m.capacity:
             raise ReplayStoreError(f"{m.name} in {self.root} has capacity {m.capacity}; expected {self.capacity}")
         shards = [open_shard(self.root, info, m.columns, m.name) for info in m.shards]
         self.capacity = m.capacity
-        self._install(m, shards, m.columns, m.seen, torch.from_numpy(m.src), torch.from_numpy(m.row))
+        self._install(m, shards, m.columns, m.seen, m.src, m.row)
 
-    def _install(self, m: Manifest | None, shards: list[Shard], columns: Columns, seen: int, src: Tensor, row: Tensor) -> None:
+    def _install(
+        self,
+        m: Manifest | None,
+        shards: list[Shard],
+        columns: Columns,
+        seen: int,
+        src: np.ndarray,
+        row: np.ndarray,
+        scalars: Rows | None = None,
+    ) -> None:
         self._manifest = m
         self._shards = shards
         self._columns = dict(columns)
         self.seen = seen
-        self._src = src  # per slot: index into _shards, or OVERLAY
-        self._row = row  # per slot: row within that shard or the overlay
-        self._overlay: dict[str, Tensor] = {}
-        self._overlay_used = 0
+        # The slot map is numpy: per-call overhead on 128-element index arrays is far below torch's.
+        self._src = src.copy()  # per slot: index into _shards, or OVERLAY
+        self._row = row.copy()  # per slot: row within that shard or the overlay
+        if scalars is None:
+            names = [n for n, c in self._columns.items() if not c.shape]
+            scalars = gather([s.cols for s in shards], src, row, self._columns, names)
+        # Scalar columns (y, t) take a few bytes per slot: kept whole in memory, they make column("y")
+        # (every insert) and their share of sample() cheap. The overlay holds the other columns.
+        self._scalars = scalars
+        self._overlay: Rows = {}
+        self._overlay_size = self._overlay_used = 0
         self._dirty = m is None  # a new store's first commit writes its first manifest
 
     @property
-    def manifest_id(self) -> int | None:
-        """The id of the manifest the committed content is in (None before the first commit)."""
-        return None if self._manifest is None else self._manifest.id
+    def manifest_id(self) -> int:
+        """The id of the manifest holding the committed content (0 before the first commit)."""
+        return 0 if self._manifest is None else self._manifest.id
 
     # --- the ReplayMemory protocol -----------------------------------------------------------
 
@@ -114,21 +137,26 @@ class ArrowReplayStore:
         if int(slots.min()) < 0:
             raise IndexError(f"replay slots must be non-negative, got {int(slots.min())}")
         slots, pick = _last_writer(slots)
-        if int(slots.max()) >= len(self):
-            self._extend(int(slots.max()) + 1)
-        moved = slots[self._src[slots] != OVERLAY]
+        if int(slots[-1]) >= len(self):  # slots are sorted
+            self._extend(int(slots[-1]) + 1)
+        at = slots.numpy()
+        moved = at[self._src[at] != OVERLAY]
         fresh = self._overlay_alloc(len(moved))  # before marking: allocation may compact the overlay
         self._src[moved] = OVERLAY
         self._row[moved] = fresh
-        target = self._row[slots]
-        for name, buf in self._overlay.items():
-            buf[target] = rows[name][pick].to(buf.dtype)
+        target = torch.from_numpy(self._row[at])
+        for name, values in rows.items():
+            if name in self._scalars:
+                self._scalars[name][slots] = values[pick].to(self._scalars[name].dtype)
+            else:
+                self._overlay[name][target] = values[pick].to(self._overlay[name].dtype)
         self._dirty = True
 
     def truncate(self, length: int) -> None:
         src = self._src[:length]
         if len(src) != len(self._src):
-            self._src, self._row = src.clone(), self._row[:length].clone()
+            self._src, self._row = src.copy(), self._row[:length].copy()
+            self._scalars = {k: v[:length].clone() for k, v in self._scalars.items()}
             self._dirty = True
 
     def sample(self, n: int, generator: torch.Generator) -> Rows:
@@ -139,6 +167,8 @@ class ArrowReplayStore:
         return self._gather(slots if where is None else slots[where])
 
     def column(self, name: str) -> Tensor:
+        if name in self._scalars:
+            return self._scalars[name].clone()
         if name not in self._columns:
             return torch.zeros(0, dtype=torch.long)
         return self._gather(torch.arange(len(self)), [name])[name]
@@ -157,23 +187,22 @@ class ArrowReplayStore:
             return self._manifest.id
         parent = self._manifest
         new_id = max([*manifest_ids(self.root), parent.id if parent else 0]) + 1
-        live = torch.bincount(self._src[self._src >= 0], minlength=len(self._shards))
-        total = torch.tensor([s.info.rows for s in self._shards], dtype=torch.long)
-        kept = live >= MIN_LIVE * total
-        remap = torch.full((len(self._shards) + 1,), OVERLAY, dtype=torch.long)  # last entry: overlay
-        remap[:-1][kept] = torch.arange(int(kept.sum()))
-        src, row = remap[self._src], self._row.clone()
-        shards = [s for s, k in zip(self._shards, kept.tolist()) if k]
-        rewrite = (src == OVERLAY).nonzero().squeeze(1)  # ascending: the new shard is in slot order
+        live = np.bincount(self._src[self._src >= 0], minlength=len(self._shards))
+        kept = live >= MIN_LIVE * np.array([s.info.rows for s in self._shards], dtype=np.int64)
+        remap = np.full(len(self._shards) + 1, OVERLAY, dtype=np.int64)  # the last entry maps OVERLAY
+        remap[:-1][kept] = np.arange(int(kept.sum()))
+        src, row = remap[self._src], self._row.copy()
+        shards = [s for s, k in zip(self._shards, kept) if k]
+        rewrite = np.flatnonzero(src == OVERLAY)  # ascending: the new shard is in slot order
         if len(rewrite):
-            info = write_shard(self.root, shard_name(new_id), self._columns, self._gather(rewrite))
+            info = write_shard(self.root, shard_name(new_id), self._columns, self._gather(torch.from_numpy(rewrite)))
             shards.append(open_shard(self.root, info, self._columns, manifest_name(new_id), verify=False))
             src[rewrite] = len(shards) - 1
-            row[rewrite] = torch.arange(len(rewrite))
+            row[rewrite] = np.arange(len(rewrite))
         m = Manifest(new_id, parent.id if parent else None, self.capacity, self.seen, dict(self._columns),
-                     [s.info for s in shards], src.numpy(), row.numpy())
+                     [s.info for s in shards], src, row)
         self.root.write(m.name, m.to_bytes())
-        self._install(m, shards, self._columns, self.seen, src, row)  # durable: switch over
+        self._install(m, shards, self._columns, self.seen, src, row, self._scalars)  # durable: switch over
         self._collect_garbage(parent)
         return new_id
 
@@ -199,8 +228,9 @@ class ArrowReplayStore:
             if k in rows:
                 rows[k] = rows[k].long()
         specs = {k: ColumnSpec.of(k, v) for k, v in rows.items()}
-        if not self._columns:
+        if not self._columns:  # only ever for an empty store: slots come from writes
             self._columns = specs
+            self._scalars = {k: torch.zeros(0, dtype=c.torch_dtype) for k, c in specs.items() if not c.shape}
         elif specs.keys() != self._columns.keys() or any(specs[k].shape != c.shape for k, c in self._columns.items()):
             have = {k: c.shape for k, c in self._columns.items()}
             raise ValueError(f"replay rows have columns {({k: c.shape for k, c in specs.items()})}; the store holds {have}")
@@ -211,32 +241,40 @@ class ArrowReplayStore:
         n = length - len(self)
         fresh = self._overlay_alloc(n)
         for buf in self._overlay.values():
-            buf[fresh] = 0
-        self._src = torch.cat([self._src, torch.full((n,), OVERLAY, dtype=torch.long)])
-        self._row = torch.cat([self._row, fresh])
+            buf[torch.from_numpy(fresh)] = 0
+        self._src = np.concatenate([self._src, np.full(n, OVERLAY, dtype=np.int64)])
+        self._row = np.concatenate([self._row, fresh])
+        self._scalars = {k: torch.cat([v, v.new_zeros(n)]) for k, v in self._scalars.items()}
 
-    def _overlay_alloc(self, n: int) -> Tensor:
+    def _overlay_alloc(self, n: int) -> np.ndarray:
         """``n`` unused overlay rows; grows the overlay (dropping rows no slot uses) when full."""
-        size = len(next(iter(self._overlay.values()))) if self._overlay else 0
-        if self._overlay_used + n > size:
-            live = (self._src == OVERLAY).nonzero().squeeze(1)
-            old_rows = self._row[live]
+        if self._overlay_used + n > self._overlay_size:
+            live = np.flatnonzero(self._src == OVERLAY)
+            old_rows = torch.from_numpy(self._row[live])
             size = max(64, min(2 * (len(live) + n), max(self.capacity, len(live) + n)))
             grown = {}
             for name, spec in self._columns.items():
+                if name in self._scalars:
+                    continue
                 grown[name] = torch.empty((size, *spec.shape), dtype=spec.torch_dtype)
                 if name in self._overlay:
                     grown[name][: len(live)] = self._overlay[name][old_rows]
-            self._overlay = grown
-            self._row[live] = torch.arange(len(live))
+            self._overlay, self._overlay_size = grown, size
+            self._row[live] = np.arange(len(live))
             self._overlay_used = len(live)
-        fresh = torch.arange(self._overlay_used, self._overlay_used + n)
+        fresh = np.arange(self._overlay_used, self._overlay_used + n, dtype=np.int64)
         self._overlay_used += n
         return fresh
 
     def _gather(self, slots: Tensor, names: list[str] | None = None) -> Rows:
-        sources = [s.cols for s in self._shards] + [self._overlay]
-        return gather(sources, self._src[slots], self._row[slots], self._columns, names or list(self._columns))
+        names = names or list(self._columns)
+        stored = [n for n in names if n not in self._scalars]
+        out = {}
+        if stored:
+            at = slots.numpy()
+            sources = [s.cols for s in self._shards] + [self._overlay]
+            out = gather(sources, self._src[at], self._row[at], self._columns, stored)
+        return {n: self._scalars[n][slots] if n in self._scalars else out[n] for n in names}
 
     def _collect_garbage(self, parent: Manifest | None) -> None:
         """Removes manifests beyond the kept ones, then shards and temp files none of them needs."""
@@ -258,24 +296,31 @@ class ArrowReplayStore:
             warnings.warn(f"replay store {self.root}: garbage collection stopped: {e}", stacklevel=3)
 
 
-def gather(sources: list[dict[str, Tensor]], src: Tensor, row: Tensor, columns: Columns, names: list[str]) -> Rows:
-    """Copies rows ``row[i]`` of sources ``src[i]`` into fresh tensors, one per column in ``names``."""
+def gather(sources: list[dict[str, Tensor]], src: np.ndarray, row: np.ndarray, columns: Columns, names: list[str]) -> Rows:
+    """Copies rows ``row[i]`` of sources ``src[i]`` into fresh tensors, one per column in ``names``.
+
+    The source holding most of the rows (after a commit: all of them) fills the whole output in one
+    ``index_select``; the few rows of other sources then overwrite their places. This avoids
+    temporaries as large as the output, whose allocation costs more than the copying.
+    """
     if len(src) == 0:
         return {n: torch.empty((0, *columns[n].shape), dtype=columns[n].torch_dtype) for n in names}
-    first = int(src[0])
-    if bool((src == first).all()):  # the common case after a commit: one shard holds them all
-        return {n: sources[first][n].index_select(0, row) for n in names}
-    out = {n: torch.empty((len(src), *columns[n].shape), dtype=columns[n].torch_dtype) for n in names}
-    for s in torch.unique(src).tolist():
-        pos = (src == s).nonzero().squeeze(1)
-        rows_in_s = row[pos]
-        for n in names:
-            out[n].index_copy_(0, pos, sources[s][n].index_select(0, rows_in_s))
+    lo = int(src.min())
+    counts = np.bincount(src - lo)
+    main = lo + int(counts.argmax())
+    at = torch.from_numpy(np.where(src == main, row, 0))  # other sources' places get row 0, for now
+    out = {n: sources[main][n].index_select(0, at) for n in names}
+    for s in (lo + np.flatnonzero(counts)).tolist():
+        if s != main:
+            pos = np.flatnonzero(src == s)
+            to, at = torch.from_numpy(pos), torch.from_numpy(row[pos])
+            for n in names:
+                out[n].index_copy_(0, to, sources[s][n].index_select(0, at))
     return out
 
 
 def _last_writer(slots: Tensor) -> tuple[Tensor, Tensor]:
-    """Unique slots and, for each, the index of the last row written to it."""
+    """Unique slots (ascending) and, for each, the index of the last row written to it."""
     unique, inverse = torch.unique(slots, return_inverse=True)
     pick = torch.full((len(unique),), -1, dtype=torch.long)
     pick.scatter_reduce_(0, inverse, torch.arange(len(slots)), reduce="amax")

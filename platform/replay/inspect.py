@@ -7,7 +7,6 @@ import warnings
 from collections import Counter
 
 import pyarrow.fs as pafs
-import torch
 
 from clgrid.replay.arrow_store import gather
 from clgrid.replay.errors import ReplayStoreError
@@ -72,7 +71,7 @@ def inspect_store(path: str | os.PathLike, filesystem: pafs.FileSystem | None = 
     lines.append(f"total bytes: {m.nbytes:,}")
     if len(shards) == len(m.shards):
         cols = [c for c in ("y", "t") if c in m.columns]
-        values = gather([s.cols for s in shards], torch.from_numpy(m.src), torch.from_numpy(m.row), m.columns, cols)
+        values = gather([s.cols for s in shards], m.src, m.row, m.columns, cols)
         for col, title in zip(cols, ("rows per class", "rows per experience")):
             counts = sorted(Counter(values[col].tolist()).items())
             lines.append(f"{title}: " + (", ".join(f"{k}: {n}" for k, n in counts) or "-"))

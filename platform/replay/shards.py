@@ -96,10 +96,7 @@ def arrow_schema(columns: Columns) -> pa.Schema:
 def write_shard(root: StoreRoot, name: str, columns: Columns, rows: dict[str, Tensor]) -> ShardInfo:
     """Writes ``rows`` (one tensor per column, same length, CPU) as the shard ``name``."""
     schema = arrow_schema(columns)
-    arrays = []
-    for col, spec in columns.items():
-        values = rows[col].contiguous().numpy()
-        arrays.append(pa.FixedShapeTensorArray.from_numpy_ndarray(values) if spec.shape else pa.array(values))
+    arrays = [_array(rows[col].contiguous().numpy(), spec) for col, spec in columns.items()]
     sink = pa.BufferOutputStream()
     with ipc.new_file(sink, schema) as writer:
         writer.write_batch(pa.record_batch(arrays, schema=schema))
@@ -141,9 +138,21 @@ def open_shard(root: StoreRoot, info: ShardInfo, columns: Columns, manifest: str
     return Shard(info, {n: _view(batch.column(n), spec) for n, spec in columns.items()})
 
 
+def _array(values: np.ndarray, spec: ColumnSpec) -> pa.Array:
+    """The Arrow column over ``values``' memory (built from buffers: ``pa.array`` imports pandas)."""
+    flat = pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), values.size, [None, pa.py_buffer(values)])
+    if not spec.shape:
+        return flat
+    storage = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(spec.shape)))
+    return pa.ExtensionArray.from_storage(spec.arrow_type(), storage)
+
+
 def _view(array: pa.Array, spec: ColumnSpec) -> Tensor:
     flat = array.storage.flatten() if spec.shape else array
-    values = flat.to_numpy(zero_copy_only=True).reshape(len(array), *spec.shape)
+    dtype = np.dtype(spec.dtype)
+    # straight from the data buffer: no copy (and no pandas import, which to_numpy does)
+    data = np.frombuffer(flat.buffers()[1], dtype, count=len(flat), offset=flat.offset * dtype.itemsize)
+    values = data.reshape(len(array), *spec.shape)
     with warnings.catch_warnings():
         # The mapping is read-only and torch warns about it; the store only ever copies out of it.
         warnings.simplefilter("ignore", UserWarning)

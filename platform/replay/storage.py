@@ -30,7 +30,7 @@ class StoreRoot:
         self.local = isinstance(filesystem, pafs.LocalFileSystem)
 
     def __str__(self) -> str:
-        return self.path if self.local else f"{self.fs.type_name}:{self.path}"
+        return self.path if self.local else f"{self.fs.type_name}://{self.path}"
 
     def _full(self, name: str) -> str:
         return f"{self.path}/{name}"
