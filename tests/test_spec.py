@@ -89,8 +89,9 @@ def test_trial_keys_are_stable_and_depend_on_the_config() -> None:
 
 def test_grid_larger_than_the_cap_is_refused_with_the_count() -> None:
     data = tiny_spec([{"name": "ewc", "ewc_lambda": list(range(1, 51))}], seeds=list(range(5)), max_trials=100)
-    with pytest.raises(specs.SpecError, match="250 trials, more than max_trials=100"):
+    with pytest.raises(specs.SpecError) as err:
         specs.parse_spec(__import__("yaml").safe_dump(data))
+    assert "the grid has 250 trials" in str(err.value) and "max_trials=100" in str(err.value)
 
 
 def test_every_bundled_pipeline_validates() -> None:
@@ -110,3 +111,13 @@ def test_list_shows_strategies_with_their_parameters() -> None:
     proc = run_clgrid("list")
     assert proc.returncode == 0, proc.stderr
     assert "ewc_lambda" in proc.stdout and "mnist5k" in proc.stdout and "buffer_size" in proc.stdout
+
+
+def test_unsupported_pairs_are_refused_or_skipped_when_asked() -> None:
+    data = tiny_spec([{"name": "icarl"}, {"name": "naive"}])
+    data["benchmarks"].append({"source": "digits", "scenario": "task-il", "experiences": 2})
+    with pytest.raises(specs.SpecError, match="strategy 'icarl' supports class-il; benchmarks.1"):
+        specs.parse_spec(__import__("yaml").safe_dump(data))
+    spec = specs.parse_spec(__import__("yaml").safe_dump({**data, "unsupported": "skip"}))
+    pairs = [(t.strategy.name, t.benchmark.scenario) for t in specs.expand(spec)]
+    assert pairs == [("icarl", "class-il"), ("naive", "class-il"), ("naive", "task-il")]
