@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from clgrid import spec as specs
+from clgrid.errors import UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="attach to a running Ray cluster (ray://HOST:10001 or 'auto')")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="submit a spec's sweep to a Ray cluster as a Ray job; prints the job id")
+    p.add_argument("spec", help="a YAML file or the name of a bundled pipeline")
+    p.add_argument("--address", required=True, help="the cluster's job API (Ray dashboard), e.g. http://127.0.0.1:8265")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI as the cluster nodes see it (e.g. http://MLFLOW:5000)")
+    p.add_argument("--storage", help="storage root every cluster node mounts (absolute path)")
+    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    p.add_argument("--follow", action="store_true", help="then print the job's logs until it ends")
+    p.set_defaults(func=cmd_submit)
+
+    for name, helptext in (("status", "a submitted job's status"), ("logs", "a submitted job's logs")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("job", help="the job id that `clgrid submit` printed")
+        p.add_argument("--address", required=True, help="the cluster's job API, e.g. http://127.0.0.1:8265")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+        p.set_defaults(func=cmd_status if name == "status" else cmd_logs)
+
+    p = sub.add_parser("resume", help="continue an interrupted sweep: finished trials are kept, the others resume")
+    p.add_argument("target", help="a sweep folder (with sweep.json), or a spec: its newest sweep in the storage root")
+    p.add_argument("--storage", help="the storage root the spec ran with")
+    p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    p.add_argument("--address", help="attach to a running Ray cluster (ray://HOST:10001, HOST:6379 or 'auto')")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("reap", help="mark runs left RUNNING by dead sweeps (driver killed) as KILLED")
+    p.add_argument("target", help="an MLflow experiment name, a spec file or a bundled pipeline name")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, or SQLite in ./clgrid-runs)")
+    p.add_argument("--storage", help="with a spec: the storage root it ran with (where its SQLite file is)")
+    p.add_argument("--older-than", type=float, default=3.0, metavar="MINUTES",
+                   help="a driver elsewhere is dead after this long without a heartbeat (default 3)")
+    p.set_defaults(func=cmd_reap)
 
     p = sub.add_parser("list", help="benchmarks, scenarios, strategies and models with their parameters")
     p.set_defaults(func=cmd_list)
@@ -51,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except specs.SpecError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"clgrid {args.command}: {exc}", file=sys.stderr)
         return 2
 
 
@@ -90,6 +126,75 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.no_report:
         _write_report(spec.experiment, outcome.tracking_uri, Path(spec.storage.root), None, spec, outcome.sweep_id)
     return 1 if outcome.failed else 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    spec = _load(args)  # validated here: a bad spec never reaches the cluster
+    from clgrid import jobs
+
+    job_id = jobs.submit(args.address, specs.resolve_spec_path(args.spec), spec, max_concurrent=args.max_concurrent)
+    print(job_id, flush=True)
+    if not args.follow:
+        print(f"follow it: clgrid logs {job_id} --address {args.address} --follow", file=sys.stderr)
+        return 0
+    return _job_exit(job_id, jobs.logs(args.address, job_id, follow=True))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from clgrid import jobs
+
+    status, message = jobs.status(args.address, args.job)
+    print(f"{args.job}: {status}" + (f" ({message})" if message else ""))
+    return 1 if status in jobs.FAILED else 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from clgrid import jobs
+
+    status = jobs.logs(args.address, args.job, follow=args.follow)
+    return _job_exit(args.job, status) if args.follow else 0
+
+
+def _job_exit(job_id: str, status: str) -> int:
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from clgrid import liveness, sweep
+
+    if Path(args.target).is_dir():
+        sweep_dir = sweep.sweep_dir_of(Path(args.target))
+    else:
+        sweep_dir = sweep.find_sweep(_load(argparse.Namespace(spec=args.target, storage=args.storage)))
+    meta = sweep.read_meta(sweep_dir)
+    liveness.ensure_not_running(meta["tracking_uri"], meta["parent_run_id"], meta["sweep_id"])
+    done = sweep.finished_trials(sweep_dir)
+    print(f"clgrid: resuming sweep {meta['sweep_id']} ({sweep_dir}): {len(done)}/{len(meta['trials'])} trials "
+          f"finished; tracking {meta['tracking_uri']}", flush=True)
+    outcome = sweep.run(sweep_dir, address=args.address, max_concurrent=args.max_concurrent)
+    print_summary(outcome)
+    return 1 if outcome.failed else 0
+
+
+def cmd_reap(args: argparse.Namespace) -> int:
+    """The target is a spec (its experiment and tracking URI) or an experiment name."""
+    from clgrid import liveness
+
+    try:
+        spec = _load(argparse.Namespace(spec=args.target, tracking_uri=args.tracking_uri, storage=args.storage))
+    except specs.SpecError:
+        if Path(args.target).suffix in (".yaml", ".yml"):
+            raise
+        spec = None
+    experiment = spec.experiment if spec else args.target
+    uri = spec.tracking_uri if spec else (args.tracking_uri or f"sqlite:///{Path('clgrid-runs').resolve()}/mlflow.db")
+    reaped, alive = liveness.reap(uri, experiment, older_than=args.older_than * 60)
+    for r in reaped:
+        print(f"sweep {r.sweep_id}: {len(r.run_ids)} RUNNING run(s) marked KILLED ({r.reason})")
+    print(f"{experiment}: reaped {sum(len(r.run_ids) for r in reaped)} run(s) of {len(reaped)} dead sweep(s); "
+          f"{len(alive)} sweep(s) still running" + (f": {', '.join(alive)}" if alive else ""))
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -2,8 +2,13 @@
 
 A sweep lives in ``<storage>/sweeps/<sweep_id>/``: ``sweep.json`` (the spec, the trials and their
 MLflow run ids, written before any trial starts) and one folder per trial (checkpoints after every
-experience, ``result.json`` once finished). Resuming a sweep runs the same trials again: a trial
-with ``result.json`` returns it at once, the others continue from their last checkpoint.
+experience, ``attempts.log`` with one line per trainer start, ``result.json`` once finished).
+Resuming a sweep runs the same trials again: a trial with ``result.json`` returns it at once, the
+others continue from their last checkpoint, each in its own MLflow run (never a duplicate).
+
+Ray: ``address`` (or ``RAY_ADDRESS``, which Ray sets inside a Ray job) attaches to a running
+cluster; without one a local Ray instance starts. On a cluster the storage root must be a path
+every node sees at the same place (a shared filesystem): trials write their folders there.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from typing import Any
 
 from ray import tune
 
-from clgrid import checkpoint, tracking
+from clgrid import checkpoint, liveness, tracking
+from clgrid.errors import UsageError
 from clgrid.spec import PipelineSpec, TrialSpec, expand
 
 RESULT = "result.json"
+FAULT_ENV = "CLGRID_FAULT_ONCE"  # test hook: see _inject_fault
 
 
 @dataclass
@@ -51,8 +58,16 @@ def new_sweep_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
+def check_storage(root: str) -> None:
+    """Checkpoints and results are written with POSIX file operations: a path, not an object store."""
+    if "://" in root:
+        raise UsageError(f"storage root {root}: expected a filesystem path (on a cluster, one every node "
+                         f"mounts at the same place), not a URI")
+
+
 def prepare(spec: PipelineSpec, sweep_id: str | None = None) -> Path:
     """Creates the sweep folder, the MLflow parent and child runs, and ``sweep.json``."""
+    check_storage(spec.storage.root)
     sweep_id = sweep_id or new_sweep_id()
     root = Path(spec.storage.root).resolve()
     sweep_dir = root / "sweeps" / sweep_id
@@ -62,11 +77,39 @@ def prepare(spec: PipelineSpec, sweep_id: str | None = None) -> Path:
     exp_id = tracking.experiment_id(uri, spec.experiment, str(root))
     parent, run_ids = tracking.start_sweep(uri, exp_id, sweep_id, spec.spec_hash, trials)
     checkpoint.write_json(sweep_dir / "sweep.json", {
-        "sweep_id": sweep_id, "spec": spec.model_dump(mode="json"), "tracking_uri": uri,
-        "experiment": spec.experiment, "parent_run_id": parent,
+        "sweep_id": sweep_id, "spec": spec.model_dump(mode="json"), "spec_hash": spec.spec_hash,
+        "tracking_uri": uri, "experiment": spec.experiment, "parent_run_id": parent,
         "trials": [{"trial": t.model_dump(mode="json"), "run_id": run_ids[t.trial_key]} for t in trials],
     })
     return sweep_dir
+
+
+def find_sweep(spec: PipelineSpec) -> Path:
+    """The newest sweep of ``spec`` (same spec_hash) under its storage root."""
+    check_storage(spec.storage.root)
+    folder = Path(spec.storage.root).resolve() / "sweeps"
+    found = sorted(p.parent for p in folder.glob("*/sweep.json")
+                   if checkpoint.read_json(p).get("spec_hash") == spec.spec_hash)
+    if not found:
+        raise UsageError(f"no sweep of {spec.name} (spec_hash {spec.spec_hash}) under {folder}: expected a "
+                         f"folder with a sweep.json written by `clgrid run` with the same spec and --storage")
+    return found[-1]  # sweep ids start with their creation time
+
+
+def sweep_dir_of(path: Path) -> Path:
+    if not (path / "sweep.json").is_file():
+        raise UsageError(f"{path}: not a sweep folder (expected {path / 'sweep.json'})")
+    return path.resolve()
+
+
+def read_meta(sweep_dir: Path) -> dict[str, Any]:
+    return checkpoint.read_json(sweep_dir / "sweep.json")
+
+
+def finished_trials(sweep_dir: Path) -> list[str]:
+    """The trial keys of the sweep that have their result.json."""
+    keys = [TrialSpec.model_validate(t["trial"]).trial_key for t in read_meta(sweep_dir)["trials"]]
+    return [k for k in keys if (sweep_dir / k / RESULT).exists()]
 
 
 def _trainable(point: dict[str, Any]) -> None:
@@ -77,6 +120,8 @@ def _trainable(point: dict[str, Any]) -> None:
     trial = TrialSpec.model_validate(config["trial"])
     uri, run_id, trial_dir = config["tracking_uri"], config["run_id"], Path(config["trial_dir"])
     if (trial_dir / RESULT).exists():  # finished in an earlier attempt or an earlier run of the sweep
+        if tracking.run_status(uri, run_id) != "FINISHED":  # killed between result.json and end_run
+            tracking.end_run(uri, run_id, "FINISHED")
         tune.report(checkpoint.read_json(trial_dir / RESULT)["metrics"])
         return
     tracking.with_retries(lambda: tracking.client(uri).update_run(run_id, "RUNNING"))
@@ -86,6 +131,7 @@ def _trainable(point: dict[str, Any]) -> None:
         if report.experience not in done:
             tracking.log_experience(uri, run_id, report.experience, report.row, report.metrics, report.costs)
         tune.report({"experience": report.experience, **report.metrics, **report.costs})
+        _inject_fault(trial.trial_key, report.experience)
 
     _mark_attempt(trial_dir)
     try:
@@ -99,27 +145,71 @@ def _trainable(point: dict[str, Any]) -> None:
 
 
 def _mark_attempt(trial_dir: Path) -> None:
-    """Counts trainer starts per trial (tests use it to prove finished trials are not rerun)."""
+    """Counts trainer starts per trial, with the process and Ray node running each (tests use it to
+    prove finished trials are not rerun, and to find the worker to kill)."""
+    import ray
+
     trial_dir.mkdir(parents=True, exist_ok=True)
     with open(trial_dir / "attempts.log", "a") as f:
-        f.write(f"{time.time():.3f} pid={os.getpid()}\n")
+        f.write(f"{time.time():.3f} pid={os.getpid()} node={ray.get_runtime_context().get_node_id()}\n")
+
+
+def _inject_fault(trial_key: str, experience: int) -> None:
+    """Test hook, inert unless ``CLGRID_FAULT_ONCE=<dir>`` is set: a file ``<dir>/<trial_key>.<experience>``
+    holding ``raise`` or ``hang`` makes the trial, once that experience is checkpointed and logged,
+    raise, or write its pid to ``<file>.pid`` and sleep until killed. The file is taken (renamed)
+    first, so each fault fires once; retries and resumed sweeps then run undisturbed."""
+    folder = os.environ.get(FAULT_ENV)
+    if not folder:
+        return
+    order = Path(folder) / f"{trial_key}.{experience}"
+    taken = order.with_name(order.name + ".taken")
+    try:
+        os.rename(order, taken)
+    except FileNotFoundError:
+        return
+    if taken.read_text().strip() == "raise":
+        raise RuntimeError(f"injected fault ({FAULT_ENV}) after experience {experience}")
+    checkpoint.atomic_write(order.with_name(order.name + ".pid"), str(os.getpid()).encode())
+    time.sleep(600)
+    raise RuntimeError(f"injected hang ({FAULT_ENV}) was not killed")
+
+
+def trial_env() -> dict[str, str]:
+    """Environment variables trials get from their driver: quiet warnings, and the driver's CLGRID_*
+    settings (e.g. the test hook above), which reach workers on other nodes only this way."""
+    return {"PYTHONWARNINGS": "ignore", **{k: v for k, v in os.environ.items() if k.startswith("CLGRID_")}}
+
+
+def connect(address: str | None) -> None:
+    """Attaches to the cluster at ``address`` or ``RAY_ADDRESS``; else starts a local Ray instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = trial_env()
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    # Inside a Ray job Ray refuses a driver env var that the job's runtime_env already sets.
+    env = {k: v for k, v in env.items() if k not in job.get("env_vars", {})}
+    quiet = {"log_to_driver": False, "logging_level": "ERROR", "runtime_env": {"env_vars": env}}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **quiet)
+    else:
+        ray.init(include_dashboard=False, configure_logging=True, **quiet)
 
 
 def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | None = None,
         progress: bool = True) -> SweepOutcome:
     """Runs (or resumes) the sweep in ``sweep_dir`` on a local Ray instance or the cluster at ``address``."""
-    import ray
-
-    meta = checkpoint.read_json(sweep_dir / "sweep.json")
+    meta = read_meta(sweep_dir)
     spec = PipelineSpec.model_validate(meta["spec"])
+    uri, parent = meta["tracking_uri"], meta["parent_run_id"]
     res = spec.resources
     configs = [{
-        "trial": t["trial"], "run_id": t["run_id"], "tracking_uri": meta["tracking_uri"],
+        "trial": t["trial"], "run_id": t["run_id"], "tracking_uri": uri,
         "trial_dir": str(sweep_dir / TrialSpec.model_validate(t["trial"]).trial_key),
     } for t in meta["trials"]]
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 configure_logging=True, runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    connect(address)
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}),
         param_space={"cfg": tune.grid_search(configs)},
@@ -133,15 +223,19 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
             callbacks=[Progress(len(configs))] if progress else [],
         ),
     )
-    tuner.fit()
+    tracking.with_retries(lambda: tracking.client(uri).update_run(parent, "RUNNING"))  # a resumed sweep
+    with liveness.Heartbeat(uri, parent):
+        tuner.fit()
     outcomes = []
     for t in meta["trials"]:
         trial = TrialSpec.model_validate(t["trial"])
         result_path = sweep_dir / trial.trial_key / RESULT
         result = checkpoint.read_json(result_path) if result_path.exists() else None
+        if result is None and tracking.run_status(uri, t["run_id"]) == "RUNNING":
+            tracking.end_run(uri, t["run_id"], "FAILED")  # its worker died past max_failures
         outcomes.append(TrialOutcome(trial, t["run_id"], result, None if result else "failed: see Ray's error file"))
-    tracking.end_run(meta["tracking_uri"], meta["parent_run_id"], "FINISHED" if all(o.result for o in outcomes) else "FAILED")
-    return SweepOutcome(meta["sweep_id"], sweep_dir, meta["experiment"], meta["tracking_uri"], meta["parent_run_id"], outcomes)
+    tracking.end_run(uri, parent, "FINISHED" if all(o.result for o in outcomes) else "FAILED")
+    return SweepOutcome(meta["sweep_id"], sweep_dir, meta["experiment"], uri, parent, outcomes)
 
 
 def _trial_name(trial: Any) -> str:
@@ -156,6 +250,8 @@ class Progress(tune.Callback):
         self.total, self.done, self.start = total, 0, time.time()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "experience" not in result:  # a trial finished earlier reports only its final metrics
+            return
         t = trial.config["cfg"]["trial"]
         print(f"  {_label(t)}: experience {result['experience'] + 1}/{t['benchmark']['experiences']}"
               f"  acc={result['acc']:.3f}", flush=True)

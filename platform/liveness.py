@@ -1,0 +1,162 @@
+"""Is a sweep's driver alive? Heartbeats on the sweep's MLflow parent run, and reaping dead sweeps.
+
+A driver (``sweep.run``) tags its parent run with who it is (``clgrid.driver``: host, boot id, pid,
+process start time, Ray job) and refreshes ``clgrid.heartbeat`` (unix seconds) every
+``HEARTBEAT_SECONDS``. A sweep is **dead** when
+
+- its parent run is terminal: its driver ended, so children still RUNNING will never be updated;
+- or its driver ran on this machine (same host name and boot id) and that process is gone (no
+  such pid, or the pid was reused: another start time);
+- or its last sign of life (the heartbeat, else the parent run's start) is older than
+  ``older_than`` seconds: this covers drivers elsewhere (a Ray job on the head node, a laptop).
+
+Otherwise it is alive. ``reap`` marks the RUNNING runs (parent and children) of dead sweeps
+KILLED and leaves live sweeps alone; it needs nothing but the tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from clgrid import tracking
+from clgrid.errors import UsageError
+
+HEARTBEAT_SECONDS = 30.0
+DEFAULT_OLDER_THAN = 180.0  # six missed heartbeats
+DRIVER_TAG, HEARTBEAT_TAG = "clgrid.driver", "clgrid.heartbeat"
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # not Linux: only the heartbeat clock decides
+        return ""
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot, /proc/PID/stat field 22); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # after "pid (comm)", field 3 is index 0
+
+
+def driver_identity() -> dict:
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(),
+            "start": _start_ticks(os.getpid()), "ray_job": os.environ.get("CLGRID_RAY_JOB")}
+
+
+class Heartbeat:
+    """Context manager: tags the parent run with this driver and refreshes its heartbeat."""
+
+    def __init__(self, uri: str, parent_run_id: str, interval: float = HEARTBEAT_SECONDS):
+        self.uri, self.run_id, self.interval = uri, parent_run_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="clgrid-heartbeat", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        c = tracking.client(self.uri)
+        tracking.with_retries(lambda: c.set_tag(self.run_id, DRIVER_TAG, json.dumps(driver_identity())))
+        tracking.with_retries(lambda: c.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}"))
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        c = MlflowClient(self.uri)  # its own client: the driver's is busy in the main thread
+        while not self._stop.wait(self.interval):
+            try:
+                c.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+            except Exception:  # a tracking server briefly away: the next beat tries again
+                pass
+
+
+@dataclass
+class Verdict:
+    alive: bool
+    reason: str
+
+
+def judge(parent: Run, older_than: float = DEFAULT_OLDER_THAN, now: float | None = None) -> Verdict:
+    """Whether the sweep of ``parent`` (its MLflow parent run) still has a live driver."""
+    if parent.info.status != "RUNNING":
+        return Verdict(False, f"sweep run is {parent.info.status}")
+    tags = parent.data.tags
+    driver = json.loads(tags.get(DRIVER_TAG, "{}"))
+    if driver and driver.get("start") is not None and driver.get("boot"):
+        if (driver["host"], driver["boot"]) == (socket.gethostname(), _boot_id()):
+            if _start_ticks(driver["pid"]) != driver["start"]:
+                return Verdict(False, f"driver pid {driver['pid']} on this machine is gone")
+            return Verdict(True, f"driver pid {driver['pid']} on this machine is running")
+    last = float(tags.get(HEARTBEAT_TAG, parent.info.start_time / 1000))
+    age = (now or time.time()) - last
+    where = f" on {driver['host']}" if driver else ""
+    if age > older_than:
+        return Verdict(False, f"driver{where} silent for {age:.0f}s (> {older_than:.0f}s)")
+    return Verdict(True, f"driver{where} seen {age:.0f}s ago")
+
+
+def _search(c: MlflowClient, exp_id: str, filter_string: str) -> list[Run]:
+    runs, token = [], None
+    while True:
+        page = tracking.with_retries(lambda: c.search_runs([exp_id], filter_string, max_results=1000, page_token=token))
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
+@dataclass
+class Reaped:
+    sweep_id: str
+    reason: str
+    run_ids: list[str]
+
+
+def reap(uri: str, experiment: str, older_than: float = DEFAULT_OLDER_THAN) -> tuple[list[Reaped], list[str]]:
+    """Marks the RUNNING runs of dead sweeps KILLED. Returns (reaped sweeps, ids of live sweeps)."""
+    c = tracking.client(uri)
+    exp = tracking.with_retries(lambda: c.get_experiment_by_name(experiment))
+    if exp is None:
+        raise UsageError(f"no MLflow experiment '{experiment}' at {uri}")
+    running: dict[str, list[Run]] = {}
+    for run in _search(c, exp.experiment_id, "attributes.status = 'RUNNING'"):
+        if "clgrid.sweep_id" in run.data.tags:
+            running.setdefault(run.data.tags["clgrid.sweep_id"], []).append(run)
+    reaped, alive = [], []
+    for sweep_id, runs in sorted(running.items()):
+        parent = next((r for r in runs if r.data.tags.get("clgrid.role") == "sweep"), None) or _parent(c, exp.experiment_id, sweep_id)
+        verdict = judge(parent, older_than) if parent else Verdict(False, "sweep run is missing")
+        if verdict.alive:
+            alive.append(sweep_id)
+            continue
+        for run in runs:
+            tracking.end_run(uri, run.info.run_id, "KILLED")
+        reaped.append(Reaped(sweep_id, verdict.reason, [r.info.run_id for r in runs]))
+    return reaped, alive
+
+
+def _parent(c: MlflowClient, exp_id: str, sweep_id: str) -> Run | None:
+    found = _search(c, exp_id, f"tags.`clgrid.sweep_id` = '{sweep_id}' and tags.`clgrid.role` = 'sweep'")
+    return found[0] if found else None
+
+
+def ensure_not_running(uri: str, parent_run_id: str, sweep_id: str, older_than: float = DEFAULT_OLDER_THAN) -> None:
+    """Refuses to start a second driver on a sweep whose driver is alive (both would train its trials)."""
+    verdict = judge(tracking.with_retries(lambda: tracking.client(uri).get_run(parent_run_id)), older_than)
+    if verdict.alive:
+        raise UsageError(f"sweep {sweep_id} is still running ({verdict.reason}); stop its driver, or wait "
+                         f"{older_than / 60:.0f} min after it died")
