@@ -110,7 +110,7 @@ def open_shard(root: StoreRoot, info: ShardInfo, columns: Columns, manifest: str
 
     Errors name the shard and the ``manifest`` that references it.
     """
-    where = f"shard {info.name} referenced by {manifest} in {root}"
+    where = f"{info.name} referenced by {manifest} in {root}"
     size = root.size(info.name)
     if size is None:
         raise ShardMissingError(f"{where} is missing", info.name, manifest)
