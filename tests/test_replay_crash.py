@@ -30,7 +30,10 @@ from clgrid.replay.storage import TEMP_PREFIX
 
 CAPACITY = 384
 KILLS = 30
-HELPER = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_replay_crash as w; w.forker(sys.argv[1])"
+HELPER = (
+    f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+    "import test_replay_crash as w; w.forker(sys.argv[1])"
+)
 
 
 def apply_commit(memory, k: int) -> None:
@@ -62,9 +65,9 @@ def writer(root: str, commits: int | None = None) -> None:
 def forker(root: str) -> None:
     """For each line on stdin, forks a writer, reaps it and reports that (the writer says its pid)."""
     torch.set_num_threads(1)  # no thread pool exists at fork time (and small tensors need none)
-    with tempfile.TemporaryDirectory() as warm:  # first commits import lazily: pay that once here
-        with contextlib.redirect_stdout(io.StringIO()):
-            writer(warm, commits=3)
+    # first commits import lazily: pay that once here rather than in every writer
+    with tempfile.TemporaryDirectory() as warm, contextlib.redirect_stdout(io.StringIO()):
+        writer(warm, commits=3)
     for _ in sys.stdin:
         pid = os.fork()
         if pid == 0:
@@ -99,7 +102,9 @@ def one_thread():
 
 
 def test_sigkilled_writers_always_leave_the_last_durable_commit_intact(tmp_path, one_thread):
-    proc = subprocess.Popen([sys.executable, "-c", HELPER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HELPER, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     read = line_reader(proc)
     rng = random.Random(0)
     reference, ref_k = TensorMemory(CAPACITY), 0

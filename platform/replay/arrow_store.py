@@ -232,8 +232,9 @@ class ArrowReplayStore:
             self._columns = specs
             self._scalars = {k: torch.zeros(0, dtype=c.torch_dtype) for k, c in specs.items() if not c.shape}
         elif specs.keys() != self._columns.keys() or any(specs[k].shape != c.shape for k, c in self._columns.items()):
+            given = {k: c.shape for k, c in specs.items()}
             have = {k: c.shape for k, c in self._columns.items()}
-            raise ValueError(f"replay rows have columns {({k: c.shape for k, c in specs.items()})}; the store holds {have}")
+            raise ValueError(f"replay rows have columns {given}; the store holds {have}")
         return rows
 
     def _extend(self, length: int) -> None:
@@ -296,7 +297,9 @@ class ArrowReplayStore:
             warnings.warn(f"replay store {self.root}: garbage collection stopped: {e}", stacklevel=3)
 
 
-def gather(sources: list[dict[str, Tensor]], src: np.ndarray, row: np.ndarray, columns: Columns, names: list[str]) -> Rows:
+def gather(
+    sources: list[dict[str, Tensor]], src: np.ndarray, row: np.ndarray, columns: Columns, names: list[str]
+) -> Rows:
     """Copies rows ``row[i]`` of sources ``src[i]`` into fresh tensors, one per column in ``names``.
 
     The source holding most of the rows (after a commit: all of them) fills the whole output in one

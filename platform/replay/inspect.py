@@ -20,7 +20,7 @@ class InspectReport(str):
 
     exit_status: int
 
-    def __new__(cls, lines: list[str], exit_status: int) -> "InspectReport":
+    def __new__(cls, lines: list[str], exit_status: int) -> InspectReport:
         report = super().__new__(cls, "\n".join(lines))
         report.exit_status = exit_status
         return report

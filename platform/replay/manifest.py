@@ -69,7 +69,7 @@ class Manifest:
         return json.dumps({**body, "sha256": _digest(body)}).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str) -> "Manifest":
+    def from_bytes(cls, data: bytes, where: str) -> Manifest:
         """Parses and verifies a manifest; ``where`` names it in errors."""
         try:
             doc = json.loads(data)
@@ -85,7 +85,9 @@ class Manifest:
         if doc.pop("sha256", None) != _digest(doc):
             raise ManifestError(f"{where} fails its checksum (a torn or edited write)")
         try:
-            shards = [ShardInfo(str(s["name"]), int(s["rows"]), int(s["bytes"]), str(s["sha256"])) for s in doc["shards"]]
+            shards = [
+                ShardInfo(str(s["name"]), int(s["rows"]), int(s["bytes"]), str(s["sha256"])) for s in doc["shards"]
+            ]
             src, row = _decode_runs(doc["slots"], int(doc["length"]), shards)
             return cls(
                 id=int(doc["id"]),
@@ -151,7 +153,8 @@ def _decode_runs(runs: list[list[int]], length: int, shards: list[ShardInfo]) ->
     if (count <= 0).any() or not np.array_equal(first, ends - count) or (ends[-1] if len(ends) else 0) != length:
         raise ValueError("slot runs do not cover the slots 0..length-1 in order")
     rows_in = np.asarray([s.rows for s in shards], dtype=np.int64)
-    if ((shard < 0) | (shard >= len(shards))).any() or (first_row < 0).any() or (first_row + count > rows_in[shard]).any():
+    outside = (shard < 0) | (shard >= len(shards))
+    if outside.any() or (first_row < 0).any() or (first_row + count > rows_in[shard]).any():
         raise ValueError("a slot run points outside its shard")
     src = np.repeat(shard, count)
     row = np.repeat(first_row - first, count) + np.arange(length, dtype=np.int64)

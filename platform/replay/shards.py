@@ -35,7 +35,7 @@ class ColumnSpec:
     shape: tuple[int, ...]
 
     @classmethod
-    def of(cls, name: str, values: Tensor) -> "ColumnSpec":
+    def of(cls, name: str, values: Tensor) -> ColumnSpec:
         try:
             dtype = np.dtype(str(values.dtype).removeprefix("torch."))
         except TypeError:  # torch-only dtypes such as bfloat16
@@ -56,7 +56,7 @@ class ColumnSpec:
         return {"dtype": self.dtype, "shape": list(self.shape)}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ColumnSpec":
+    def from_json(cls, d: dict[str, Any]) -> ColumnSpec:
         return cls(str(d["dtype"]), tuple(int(s) for s in d["shape"]))
 
 
@@ -134,7 +134,8 @@ def open_shard(root: StoreRoot, info: ShardInfo, columns: Columns, manifest: str
         raise ShardCorruptError(f"{where} does not hold the manifest's columns {list(columns)}", info.name, manifest)
     batch = reader.get_batch(0)
     if batch.num_rows != info.rows:
-        raise ShardCorruptError(f"{where} has {batch.num_rows} rows; the manifest recorded {info.rows}", info.name, manifest)
+        message = f"{where} has {batch.num_rows} rows; the manifest recorded {info.rows}"
+        raise ShardCorruptError(message, info.name, manifest)
     return Shard(info, {n: _view(batch.column(n), spec) for n, spec in columns.items()})
 
 
