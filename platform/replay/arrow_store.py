@@ -127,27 +127,27 @@ class ArrowReplayStore:
         self.seen += int(rows["y"].shape[0])
         self._dirty = True
         if len(src):
-            self.write(slots, {k: v[src] for k, v in rows.items()})
+            self._write(slots.numpy(), {k: v[src] for k, v in rows.items()})
 
     def write(self, slots: Tensor, rows: Rows) -> None:
-        rows = self._check(rows)
-        slots = torch.as_tensor(slots).detach().cpu().long().reshape(-1)
+        self._write(torch.as_tensor(slots).detach().cpu().long().reshape(-1).numpy(), self._check(rows))
+
+    def _write(self, slots: np.ndarray, rows: Rows) -> None:
         if not len(slots):
             return
-        if int(slots.min()) < 0:
-            raise IndexError(f"replay slots must be non-negative, got {int(slots.min())}")
+        if slots.min() < 0:
+            raise IndexError(f"replay slots must be non-negative, got {slots.min()}")
         slots, pick = _last_writer(slots)
-        if int(slots[-1]) >= len(self):  # slots are sorted
+        if slots[-1] >= len(self):  # slots are sorted
             self._extend(int(slots[-1]) + 1)
-        at = slots.numpy()
-        moved = at[self._src[at] != OVERLAY]
+        moved = slots[self._src[slots] != OVERLAY]
         fresh = self._overlay_alloc(len(moved))  # before marking: allocation may compact the overlay
         self._src[moved] = OVERLAY
         self._row[moved] = fresh
-        target = torch.from_numpy(self._row[at])
+        at, target, pick = torch.from_numpy(slots), torch.from_numpy(self._row[slots]), torch.from_numpy(pick)
         for name, values in rows.items():
             if name in self._scalars:
-                self._scalars[name][slots] = values[pick].to(self._scalars[name].dtype)
+                self._scalars[name][at] = values[pick].to(self._scalars[name].dtype)
             else:
                 self._overlay[name][target] = values[pick].to(self._overlay[name].dtype)
         self._dirty = True
@@ -227,12 +227,11 @@ class ArrowReplayStore:
         for k in ("y", "t"):
             if k in rows:
                 rows[k] = rows[k].long()
-        specs = {k: ColumnSpec.of(k, v) for k, v in rows.items()}
         if not self._columns:  # only ever for an empty store: slots come from writes
-            self._columns = specs
-            self._scalars = {k: torch.zeros(0, dtype=c.torch_dtype) for k, c in specs.items() if not c.shape}
-        elif specs.keys() != self._columns.keys() or any(specs[k].shape != c.shape for k, c in self._columns.items()):
-            given = {k: c.shape for k, c in specs.items()}
+            self._columns = {k: ColumnSpec.of(k, v) for k, v in rows.items()}
+            self._scalars = {k: torch.zeros(0, dtype=c.torch_dtype) for k, c in self._columns.items() if not c.shape}
+        elif rows.keys() != self._columns.keys() or any(rows[k].shape[1:] != c.shape for k, c in self._columns.items()):
+            given = {k: tuple(v.shape[1:]) for k, v in rows.items()}
             have = {k: c.shape for k, c in self._columns.items()}
             raise ValueError(f"replay rows have columns {given}; the store holds {have}")
         return rows
@@ -322,9 +321,7 @@ def gather(
     return out
 
 
-def _last_writer(slots: Tensor) -> tuple[Tensor, Tensor]:
+def _last_writer(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique slots (ascending) and, for each, the index of the last row written to it."""
-    unique, inverse = torch.unique(slots, return_inverse=True)
-    pick = torch.full((len(unique),), -1, dtype=torch.long)
-    pick.scatter_reduce_(0, inverse, torch.arange(len(slots)), reduce="amax")
-    return unique, pick
+    unique, first_from_end = np.unique(slots[::-1], return_index=True)
+    return unique, len(slots) - 1 - first_from_end
