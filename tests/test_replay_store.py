@@ -241,8 +241,11 @@ def test_a_torn_newest_manifest_is_skipped_for_the_previous(tmp_path):
     store = filled(tmp_path)
     expected = store.rows()
     (tmp_path / "manifest-000002.json").write_text('{"format": "clgrid.replay", "vers')
-    with pytest.warns(UserWarning, match=r"skipping manifest-000002\.json.*not valid JSON"):
+    with pytest.warns(UserWarning, match=r"does not verify: manifest-000002\.json.*not valid JSON"):
         assert_rows_equal(ArrowReplayStore(tmp_path).rows(), expected)
+    report = inspect_store(tmp_path)
+    assert report.exit_status == 1 and "current manifest: manifest-000001.json" in report
+    assert "problem: skipped a replay manifest that does not verify: manifest-000002.json" in report
     (tmp_path / "manifest-000001.json").write_text("{}")
     with pytest.raises(ManifestError, match="no manifest in .* verifies"), pytest.warns(UserWarning):
         ArrowReplayStore(tmp_path)

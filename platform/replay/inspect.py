@@ -6,6 +6,7 @@ import os
 import warnings
 from collections import Counter
 
+import numpy as np
 import pyarrow.fs as pafs
 
 from clgrid.replay.arrow_store import gather
@@ -46,7 +47,7 @@ def inspect_store(path: str | os.PathLike, filesystem: pafs.FileSystem | None = 
         return InspectReport([*lines, f"error: {e}"], 2)
     if m is None:
         return InspectReport([*lines, "no manifest: nothing was committed here"], 2)
-    problems = [f"skipped {w.message}" for w in skipped]
+    problems = [str(w.message) for w in skipped]
     columns = ", ".join(f"{n} {c.dtype}{list(c.shape) if c.shape else ''}" for n, c in m.columns.items())
     lines += [
         f"manifests present: {', '.join(map(str, manifest_ids(root)))}",
@@ -56,7 +57,7 @@ def inspect_store(path: str | os.PathLike, filesystem: pafs.FileSystem | None = 
         f"shards ({len(m.shards)}):",
     ]
     shards = []
-    live = Counter(m.src.tolist())
+    live = np.bincount(m.src, minlength=len(m.shards))
     for i, info in enumerate(m.shards):
         try:
             shards.append(open_shard(root, info, m.columns, m.name))
@@ -70,9 +71,9 @@ def inspect_store(path: str | os.PathLike, filesystem: pafs.FileSystem | None = 
         )
     lines.append(f"total bytes: {m.nbytes:,}")
     if len(shards) == len(m.shards):
-        cols = [c for c in ("y", "t") if c in m.columns]
-        values = gather([s.cols for s in shards], m.src, m.row, m.columns, cols)
-        for col, title in zip(cols, ("rows per class", "rows per experience")):
+        titles = {c: t for c, t in (("y", "rows per class"), ("t", "rows per experience")) if c in m.columns}
+        values = gather([s.cols for s in shards], m.src, m.row, m.columns, list(titles))
+        for col, title in titles.items():
             counts = sorted(Counter(values[col].tolist()).items())
             lines.append(f"{title}: " + (", ".join(f"{k}: {n}" for k, n in counts) or "-"))
     else:

@@ -126,7 +126,7 @@ def newest_manifest(root: StoreRoot) -> Manifest | None:
             return read_manifest(root, manifest_id)
         except ManifestError as e:
             failures.append(str(e))
-            warnings.warn(f"replay store: skipping {e}", stacklevel=2)
+            warnings.warn(f"skipped a replay manifest that does not verify: {e}", stacklevel=2)
     if failures:
         raise ManifestError(f"no manifest in {root} verifies: " + "; ".join(failures))
     return None
