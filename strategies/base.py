@@ -79,8 +79,9 @@ class Context:
     mask:             ``mask(scores, t)``: scores as the task loss sees them (task-IL masks each
                       sample's scores to its task's classes; other scenarios pass them through)
     reset_optimizer:  ``reset_optimizer(params_or_groups)`` gives the trainer a fresh optimizer
-    fit:              ``fit(x, y, t, epochs=..., module=..., loss_fn=...)`` trains with the trainer's
-                      own loop and cost meters (GDumb, joint training, generator training)
+    fit:              ``fit(x, y, t, epochs=, iterations=, loss_fn=, params=, lr=, batch_size=,
+                      after_step=)`` trains with the trainer's own loop and cost meters (GDumb, joint
+                      training, generator training); ``after_step(batch)`` runs after every step
     """
 
     model: nn.Module
