@@ -194,8 +194,8 @@ def connect(address: str | None) -> None:
     quiet = {"log_to_driver": False, "logging_level": "ERROR", "runtime_env": {"env_vars": env}}
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **quiet)
-    else:
-        ray.init(include_dashboard=False, configure_logging=True, **quiet)
+    else:  # "local": never attach silently to a cluster someone started on this machine with `ray start`
+        ray.init(address="local", include_dashboard=False, configure_logging=True, **quiet)
 
 
 def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | None = None,
