@@ -10,7 +10,6 @@ experience (as in the paper); heads are per task (multi-head, or the shared head
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -33,7 +32,8 @@ class PackNet(Strategy):
     def __init__(self, config: PackNetConfig):
         super().__init__(config)
         self.owner: dict[str, Tensor] = {}  # backbone weight name -> int8 task index per entry, FREE if none
-        self.fixed: dict[str, Tensor] = {}  # values that steps of the current experience must not change
+        self.trainable: dict[str, Tensor] = {}  # what the current steps may change ...
+        self.fixed: dict[str, Tensor] = {}  # ... and the values of everything else
 
     def prunable(self, model: nn.Module) -> dict[str, Tensor]:
         return {f"backbone.{n}": p for n, p in model.backbone.named_parameters() if p.dim() > 1}
@@ -47,12 +47,17 @@ class PackNet(Strategy):
             for p in ctx.model.backbone.parameters():
                 p.requires_grad_(p.dim() > 1)
             ctx.reset_optimizer([p for p in ctx.model.parameters() if p.requires_grad])
+        self.hold(ctx, {n: o == FREE for n, o in self.owner.items()})
+
+    def hold(self, ctx: Context, trainable: dict[str, Tensor]) -> None:
+        """From now on, steps may change only ``trainable`` entries of the backbone weights."""
+        self.trainable = trainable
         self.fixed = {n: p.detach().clone() for n, p in self.prunable(ctx.model).items()}
 
     def after_step(self, batch: Batch, ctx: Context) -> None:
-        with torch.no_grad():  # undo whatever the optimizer did to weights earlier tasks own
+        with torch.no_grad():  # undo whatever the optimizer did to the weights held fixed
             for n, p in self.prunable(ctx.model).items():
-                p.copy_(torch.where(self.owner[n] == FREE, p, self.fixed[n]))
+                p.copy_(torch.where(self.trainable[n], p, self.fixed[n]))
 
     def after_experience(self, ctx: Context) -> None:
         keep = {}
@@ -65,27 +70,14 @@ class PackNet(Strategy):
                 kept[magnitude.topk(n_keep).indices] = True
                 keep[n] = kept.view_as(free)
                 p.masked_fill_(free & ~keep[n], 0.0)
-                self.fixed[n] = p.detach().clone()
-        if self.config.retrain_epochs:
-            self.retrain(ctx, keep)
+        if self.config.retrain_epochs:  # the kept weights (and the heads) adapt to the pruning
+            self.hold(ctx, keep)
+            exp = ctx.experience
+            ctx.fit(exp.x, exp.y, torch.full_like(exp.y, exp.index), epochs=self.config.retrain_epochs,
+                    params=[p for p in ctx.model.parameters() if p.requires_grad],
+                    after_step=lambda batch: self.after_step(batch, ctx))
         for n, kept in keep.items():
             self.owner[n][kept] = ctx.experience_index
-
-    def retrain(self, ctx: Context, keep: dict[str, Tensor]) -> None:
-        """ctx.fit on the experience, with only the kept weights (and the heads) free to move."""
-        model = ctx.model
-
-        def loss_fn(batch: Batch) -> Tensor:  # the forward pass sees released and owned weights as fixed
-            weights = {n: torch.where(keep[n], p, self.fixed[n]) for n, p in self.prunable(model).items()}
-            scores = functional_call(model, weights, (batch.x, batch.t))
-            return F.cross_entropy(ctx.mask(scores, batch.t), batch.y)
-
-        exp = ctx.experience
-        ctx.fit(exp.x, exp.y, torch.full_like(exp.y, exp.index), epochs=self.config.retrain_epochs, loss_fn=loss_fn,
-                params=[p for p in model.parameters() if p.requires_grad])
-        with torch.no_grad():
-            for n, p in self.prunable(model).items():
-                p.copy_(torch.where(keep[n], p, self.fixed[n]))
 
     def predict(self, x: Tensor, t: Tensor, ctx: Context) -> Tensor:
         if not self.owner:  # the fresh model, before any experience

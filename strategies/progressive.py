@@ -1,9 +1,10 @@
 """Progressive Neural Networks (Rusu et al. 2016), for MLP backbones in task-IL.
 
 Every experience adds a column (an MLP with the spec's hidden widths x ``width_factor``, and a head
-for its task) and freezes the earlier ones; lateral adapters feed every earlier column's layer l
-into the new column's layer l+1, the head included. Each sample is answered by its task's column:
-no forgetting by construction, at the price of parameters that grow with every experience.
+for its task) and freezes the earlier ones; linear lateral connections (the paper's eq. 1, without
+its non-linear adapters) feed every earlier column's layer l into the new column's layer l+1, the
+head included. Each sample is answered by its task's column: no forgetting by construction, at the
+price of growth: column k adds its own weights plus laterals from k columns.
 """
 
 import math
@@ -103,7 +104,7 @@ class Progressive(Strategy):
     def before_experience(self, ctx: Context) -> None:
         net = ctx.model if isinstance(ctx.model, ProgressiveNet) else self.empty_net(ctx)
         net.requires_grad_(False)  # earlier columns are frozen for good
-        column = net.add_column().to(ctx.device)
+        column = net.add_column()
         self.n_columns = len(net.columns)
         ctx.model = net.to(ctx.device)
         ctx.reset_optimizer(column.parameters())
