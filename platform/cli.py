@@ -10,6 +10,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from clgrid import safepaths
 from clgrid import spec as specs
 from clgrid.errors import UsageError
 
@@ -218,7 +219,7 @@ def _write_report(experiment: str, uri: str, root: Path, out: str | None, spec: 
     budgets = None
     if spec is not None:
         budgets = {"compute_flops": spec.report.compute_budget_flops, "storage_bytes": spec.report.storage_budget_bytes}
-    out_dir = Path(out) if out else root.resolve() / "reports" / experiment
+    out_dir = Path(out) if out else safepaths.inside(root, "reports", experiment)  # an experiment may be "../x"
     try:
         result = build_report(experiment, uri, out_dir, budgets=budgets, sweep_id=sweep_id)
     except ReportError as exc:

@@ -28,10 +28,11 @@ from clgrid.strategies import REGISTRY, StrategyConfig
 MAX_TRIALS_DEFAULT = 10_000
 MAX_TRIALS_LIMIT = 1_000_000  # the largest max_trials a spec may ask for: beyond it no sweep is meant
 # A spec is a page of YAML. These bounds are far above any real one and keep a hostile one (a
-# billion-laughs alias bomb, 10,000 nested brackets, a 1 GB file) from eating time or memory.
-MAX_SPEC_BYTES = 1_000_000
+# billion-laughs alias bomb, 10,000 nested brackets, a 1 GB file) from eating time or memory:
+# PyYAML's pure-Python loader needs about 65 us per value, so the worst accepted text parses in ~1 s.
+MAX_SPEC_CHARS = 250_000
 MAX_DEPTH = 32  # nesting, counted after aliases are expanded
-MAX_NODES = 100_000  # scalars, lists and mappings, counted after aliases are expanded
+MAX_NODES = 20_000  # scalars, lists and mappings, counted after aliases are expanded
 MAX_PROBLEMS = 50  # problems listed; the rest are counted in one last line
 _NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"
 
@@ -261,9 +262,9 @@ def load_spec(spec: str | Path) -> PipelineSpec:
 
 def parse_spec(text: str, filename: str = "<spec>") -> PipelineSpec:
     """Validates a spec's YAML text; raises SpecError listing every problem with its line."""
-    if len(text) > MAX_SPEC_BYTES:
+    if len(text) > MAX_SPEC_CHARS:
         raise SpecError([f"{filename}:1: <yaml>: the spec is {len(text):,} characters; "
-                         f"expected at most {MAX_SPEC_BYTES:,}"])
+                         f"expected at most {MAX_SPEC_CHARS:,}"])
     loader = None
     try:
         loader = _SpecLoader(text)  # reads the text at once: a NUL byte is refused here
@@ -296,13 +297,21 @@ def parse_spec(text: str, filename: str = "<spec>") -> PipelineSpec:
 
 class _SpecLoader(yaml.SafeLoader):
     """PyYAML's SafeLoader (plain scalars, lists and mappings only: ``!!python/...`` tags are
-    refused), made to stop at MAX_DEPTH before its recursive composer reaches Python's stack limit,
-    and to report a bad scalar (``!!timestamp 2001-02-30``, a 5,000-digit int) with its line."""
+    refused), made to stop at MAX_DEPTH before its recursive composer reaches Python's stack limit
+    and at MAX_NODES before a long text costs seconds, and to report a bad scalar
+    (``!!timestamp 2001-02-30``, a 5,000-digit int) with its line."""
+
+    _depth = 0
+    _nodes = 0
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
-        depth = getattr(self, "_depth", 0)
+        depth = self._depth
         if depth >= MAX_DEPTH:
             raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep",
+                                              self.peek_event().start_mark)
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_NODES:,} values in the spec",
                                               self.peek_event().start_mark)
         self._depth = depth + 1
         try:
@@ -340,7 +349,7 @@ def _check_tree(root: yaml.Node) -> None:
         if children_done:
             kids = [measured[id(k)] for k in _children(node)]
             size, depth = 1 + sum(n for n, _ in kids), 1 + max((d for _, d in kids), default=0)
-            if size > MAX_NODES or depth > MAX_DEPTH:
+            if size > MAX_NODES or depth > MAX_DEPTH:  # the text itself was within both: aliases did it
                 what = f"{size:,} values" if size > MAX_NODES else f"{depth} levels of nesting"
                 raise yaml.composer.ComposerError(
                     None, None, f"aliases expand this to {what}; expected at most {MAX_NODES:,} values "
@@ -383,13 +392,17 @@ def semantic_problems(spec: PipelineSpec) -> list[tuple[tuple, str]]:
                                  f"benchmarks.{j} ({bench.id}) is {bench.scenario} (set `unsupported: skip` to skip such pairs)"))
     # counted, not expanded: a spec with 10^15 grid points is refused in microseconds
     sizes = [grid_size(grid) for grid in spec.strategies]
-    n_trials = sum(sizes) * len(spec.benchmarks) * len(spec.seeds)
+    n_trials = len(spec.seeds) * sum(
+        size * sum(spec.unsupported == "error" or b.scenario in REGISTRY[grid.name].scenarios for b in spec.benchmarks)
+        for size, grid in zip(sizes, spec.strategies))
     if n_trials > spec.max_trials:
-        per_entry = " + ".join(f"{n:,}" for n in sizes)
-        problems.append((("strategies",), f"the grid has {n_trials} trials ({per_entry} configurations x "
-                         f"{len(spec.benchmarks)} benchmarks x {len(spec.seeds)} seeds), more than "
+        problems.append((("strategies",), f"the grid has {n_trials} trials ({sum(sizes):,} strategy configurations, "
+                         f"{len(spec.benchmarks)} benchmarks, {len(spec.seeds)} seeds), more than "
                          f"max_trials={spec.max_trials}"))
         return problems
+    if n_trials == 0:
+        problems.append((("strategies",), "no trial left: every strategy is skipped on every benchmark "
+                         "(`unsupported: skip`)"))
     configs: dict[str, int] = {}  # configuration hash -> the strategies entry that gave it first
     for i, grid in enumerate(spec.strategies):
         try:
