@@ -7,7 +7,6 @@ head included. Each sample is answered by its task's column: no forgetting by co
 price of growth: column k adds its own weights plus laterals from k columns.
 """
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from clgrid.strategies._task_mlp import place_task_scores, spec_mlp_shape
 from clgrid.strategies.base import Context, Strategy, StrategyConfig
 
 
@@ -76,9 +76,7 @@ class ProgressiveNet(nn.Module):
         earlier: list[list[Tensor]] = [[] for _ in self.widths]
         for k, column in enumerate(self.columns[: int(t.max()) + 1]):  # later columns serve no sample
             hidden, scores = column(x, earlier)
-            cols = torch.tensor(self.task_classes[k], device=x.device)
-            mine = (t == k).unsqueeze(1)
-            out = out.index_copy(1, cols, torch.where(mine, scores, out.index_select(1, cols)))
+            out = place_task_scores(out, scores, t, k, self.task_classes[k])
             for l, h in enumerate(hidden):
                 earlier[l].append(h)
         return out
@@ -94,12 +92,8 @@ class Progressive(Strategy):
 
     def empty_net(self, ctx: Context) -> ProgressiveNet:
         """A net without columns, shaped after the spec's MLP (the trainer's fresh model)."""
-        linears = [m for m in ctx.model.backbone.modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ValueError("progressive: needs an MLP backbone (model.name: mlp)")
-        widths = [max(1, round(m.out_features * self.config.width_factor)) for m in linears]
-        stream = ctx.stream
-        return ProgressiveNet(math.prod(stream.input_shape), widths, stream.task_classes, stream.num_classes)
+        in_features, widths = spec_mlp_shape(ctx, self.config.width_factor)
+        return ProgressiveNet(in_features, widths, ctx.stream.task_classes, ctx.stream.num_classes)
 
     def before_experience(self, ctx: Context) -> None:
         net = ctx.model if isinstance(ctx.model, ProgressiveNet) else self.empty_net(ctx)

@@ -97,3 +97,20 @@ def test_finetune_layers_freezes_scales_and_reinitialises_per_group(tmp_path: Pa
     assert 0 < moved["backbone.layers.3.weight"] < 1e-4
     assert moved["head.weight"] > 1e-2
     assert sorted(g["lr"] for g in trainer.optimizer.param_groups) == [0.5e-6, 1e-6]
+
+
+def test_hat_holds_the_weights_between_units_the_first_task_opened(tmp_path: Path) -> None:
+    result, snapshots, _, trial = run_with_snapshots({"name": "hat"}, tmp_path / "full")
+    first, last = snapshots[0], snapshots[-1]
+    # after experience 0, task 0's gates at s_max: open where its embedding is positive
+    opened = [first[f"embeddings.{l}.weight"][0] > 0 for l in range(2)]
+    assert all(o.any() and not o.all() for o in opened)
+    held = [opened[0].unsqueeze(1), opened[1].unsqueeze(1) & opened[0].unsqueeze(0)]
+    for l in range(2):
+        weight, bias = f"layers.{l}.weight", f"layers.{l}.bias"
+        assert torch.equal(first[weight][held[l].expand_as(first[weight])], last[weight][held[l].expand_as(last[weight])])
+        assert torch.equal(first[bias][opened[l]], last[bias][opened[l]])
+        assert not torch.equal(first[weight], last[weight]), "later tasks must still train the free weights"
+    assert torch.equal(first["embeddings.0.weight"][0], last["embeddings.0.weight"][0])
+    assert_nothing_forgotten(result.R, snapshots)
+    assert_resumes_after(3, trial, result, tmp_path)
