@@ -1,0 +1,63 @@
+"""Learning without Forgetting (Li & Hoiem 2017).
+
+Before each experience the model is frozen as a teacher; training adds alpha * T^2 * KL(teacher || student)
+on the new samples' temperature-softened scores over the earlier experiences' classes. Task-IL
+distills every earlier task's head: both networks score the batch as if it came from that task.
+"""
+
+import copy
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
+
+
+class LwFConfig(StrategyConfig):
+    name: Literal["lwf"] = "lwf"
+    alpha: float = Field(1.0, ge=0, description="weight of the distillation loss")
+    temperature: float = Field(2.0, gt=0, description="softens both networks' scores")
+
+
+def distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """KL(teacher || student) of the softened scores, mean over samples; T^2 keeps the gradient's
+    scale independent of T (Hinton et al. 2015). Zero when the two agree."""
+    log_p_student = F.log_softmax(student / temperature, dim=1)
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return temperature**2 * kl
+
+
+class LwF(Strategy):
+    Config = LwFConfig
+
+    def __init__(self, config: LwFConfig):
+        super().__init__(config)
+        self.teacher: nn.Module | None = None
+
+    def before_experience(self, ctx: Context) -> None:
+        # Needs no checkpointed state: on resume the restored model is the teacher again.
+        if ctx.experience_index == 0:
+            return
+        self.teacher = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+
+    def loss(self, batch: Batch, output: Tensor, ctx: Context) -> Tensor | None:
+        if self.teacher is None:
+            return None
+        old = ctx.seen[:-1]
+        if ctx.scenario == "task-il":
+            # each earlier task's head, on the batch scored as if it came from that task
+            total = output.new_zeros(())
+            for e in old:
+                t, classes = torch.full_like(batch.t, e.index), list(e.classes)
+                with torch.no_grad():
+                    teacher = self.teacher(batch.x, t)[:, classes]
+                total = total + distillation(ctx.model(batch.x, t)[:, classes], teacher, self.config.temperature)
+            return self.config.alpha * total
+        classes = sorted({c for e in old for c in e.classes})
+        with torch.no_grad():
+            teacher = self.teacher(batch.x, batch.t)[:, classes]
+        return self.config.alpha * distillation(output[:, classes], teacher, self.config.temperature)
