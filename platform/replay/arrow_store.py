@@ -274,7 +274,7 @@ class ArrowReplayStore:
             at = slots.numpy()
             sources = [s.cols for s in self._shards] + [self._overlay]
             out = gather(sources, self._src[at], self._row[at], self._columns, stored)
-        return {n: self._scalars[n][slots] if n in self._scalars else out[n] for n in names}
+        return {n: self._scalars[n].index_select(0, slots) if n in self._scalars else out[n] for n in names}
 
     def _collect_garbage(self, parent: Manifest | None) -> None:
         """Removes manifests beyond the kept ones, then shards and temp files none of them needs."""
@@ -310,7 +310,7 @@ def gather(
     lo = int(src.min())
     counts = np.bincount(src - lo)
     main = lo + int(counts.argmax())
-    at = torch.from_numpy(np.where(src == main, row, 0))  # other sources' places get row 0, for now
+    at = torch.from_numpy(row if len(counts) == 1 else np.where(src == main, row, 0))  # others: row 0 for now
     out = {n: sources[main][n].index_select(0, at) for n in names}
     for s in (lo + np.flatnonzero(counts)).tolist():
         if s != main:

@@ -21,16 +21,20 @@ from clgrid.replay.memory import TensorMemory
 
 
 def per_batch(memories: dict, batch: int, iters: int, rounds: int = 5) -> dict[str, float]:
-    """Median seconds per ``sample(batch)`` for each memory, rounds interleaved to share noise."""
+    """Median CPU seconds per ``sample(batch)`` for each memory, rounds interleaved to share noise.
+
+    CPU time of the process, not wall time: on a shared machine, time spent waiting for a core
+    would swamp the difference measured (with one torch thread, the two are equal on an idle one).
+    """
     times: dict[str, list[float]] = {name: [] for name in memories}
     for r in range(rounds):
         for name, mem in memories.items():
             g = torch.Generator().manual_seed(r)
             mem.sample(batch, g)  # warm: page in the mapping, allocator caches
-            start = time.perf_counter()
+            start = time.process_time()
             for _ in range(iters):
                 mem.sample(batch, g)
-            times[name].append((time.perf_counter() - start) / iters)
+            times[name].append((time.process_time() - start) / iters)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -82,9 +86,9 @@ def report(n: int, batch: int, iters: int, threads: int) -> None:
           f"{threads} torch thread(s)")
     print(f"fill + commit (write + fsync {mb:.1f} MB): {commit_s * 1e3:.1f} ms")
     print(f"open (mmap + sha256 verify {mb:.1f} MB): {open_s * 1e3:.1f} ms ({mb / open_s:.0f} MB/s)")
-    print(f"TensorMemory.sample:     {t['tensor'] * 1e6:8.1f} us/batch")
-    print(f"ArrowReplayStore.sample: {t['arrow'] * 1e6:8.1f} us/batch")
-    print(f"ArrowReplayStore.sample, 10% changed since commit: {t['changing'] * 1e6:8.1f} us/batch "
+    print(f"TensorMemory.sample:     {t['tensor'] * 1e6:8.1f} us CPU/batch")
+    print(f"ArrowReplayStore.sample: {t['arrow'] * 1e6:8.1f} us CPU/batch")
+    print(f"ArrowReplayStore.sample, 10% changed since commit: {t['changing'] * 1e6:8.1f} us CPU/batch "
           f"({t['changing'] / t['tensor']:.2f}x)")
     print(f"ratio arrow/tensor: {t['arrow'] / t['tensor']:.2f}x (target <= 1.2x)")
 
