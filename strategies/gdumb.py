@@ -2,6 +2,8 @@
 
 The stream only fills a greedy class-balanced memory (each sample offered once) and is never trained
 on; after each experience the model is re-initialised and trained from scratch on the memory alone.
+Not for domain-IL: the balanced sampler admits nothing of a class already at its share, so once
+full it never stores a sample of a later experience that repeats the labels (Avalanche issue #765).
 """
 
 from typing import Literal
@@ -19,6 +21,7 @@ class GDumbConfig(StrategyConfig):
 
 class GDumb(Strategy):
     Config = GDumbConfig
+    scenarios = ("class-il", "task-il")
 
     def before_experience(self, ctx: Context) -> None:
         self.offered = 0
