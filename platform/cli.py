@@ -116,8 +116,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _load(args)
-    from clgrid import sweep
+    from clgrid import sweep, tracking
 
+    tracking.check_reachable(spec.tracking_uri)  # before Ray starts: MLflow itself retries for minutes
     n = len(specs.expand(spec))
     print(f"clgrid: {spec.name}: {n} trials; storage {Path(spec.storage.root).resolve()}; tracking {spec.tracking_uri}",
           flush=True)
@@ -209,6 +210,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     experiment = spec.experiment if spec else args.target
     uri = spec.tracking_uri if spec else (args.tracking_uri or f"sqlite:///{Path('clgrid-runs').resolve()}/mlflow.db")
     root = Path(spec.storage.root) if spec else Path("clgrid-runs")
+    from clgrid import tracking
+
+    tracking.check_reachable(uri)
     return _write_report(experiment, uri, root, args.out, spec, args.sweep)
 
 

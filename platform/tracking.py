@@ -12,6 +12,8 @@ import functools
 import json
 import random
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -22,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from clgrid.errors import UsageError  # noqa: E402
 from clgrid.spec import TrialSpec  # noqa: E402
 
 T = TypeVar("T")
@@ -44,6 +47,26 @@ def with_retries(fn: Callable[[], T], attempts: int = 8, base_delay: float = 0.2
 @functools.lru_cache(maxsize=4)
 def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Raises UsageError (one line) when an HTTP tracking server does not answer within ``timeout``.
+
+    Asked with plain urllib, once: MLflow's own client retries a refused connection for minutes
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _TIMEOUT), long after the user should have been told. Any HTTP
+    answer counts as reachable (a 401 from an authenticating proxy is the server's business)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, ValueError) as exc:  # URLError, refused, timeout, bad host; ValueError: malformed URI
+        reason = getattr(exc, "reason", exc)
+        raise UsageError(f"tracking server {uri} is unreachable ({reason}); expected an MLflow tracking server "
+                         f"answering HTTP there (start it first, or leave out --tracking-uri to use SQLite in "
+                         f"the storage root)") from None
 
 
 def local_artifact_root(uri: str, storage_root: str) -> str | None:

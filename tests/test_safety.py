@@ -1,0 +1,179 @@
+"""Hostile and broken inputs: tampered checkpoints, names that try to leave their folder, planted
+credentials, an unreachable tracking server. Nothing runs that should not, nothing is written
+outside the folders the user named, nothing secret is logged, and nothing starts in vain."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import socket
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from clgrid import checkpoint, safepaths
+from clgrid.errors import UsageError
+from conftest import run_clgrid, tiny_spec
+
+
+class _Payload:
+    """Unpickling this runs ``touch <marker>``: what a tampered checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _trial_with_one_good_checkpoint(tmp_path: Path) -> Path:
+    trial = tmp_path / "trial"
+    checkpoint.save(trial, 0, {"model": {"w": torch.ones(3)}, "R": [[0.5]]})
+    return trial
+
+
+def _tampered(kind: str, marker: Path, good: bytes) -> bytes:
+    if kind == "raw pickle":  # a plain pickle where a checkpoint should be
+        return pickle.dumps({"format": checkpoint.FORMAT, "model": _Payload(marker)})
+    if kind == "torch zip":  # torch's own zip format with the payload inside data.pkl
+        buf = io.BytesIO()
+        torch.save({"format": checkpoint.FORMAT, "model": _Payload(marker)}, buf)
+        return buf.getvalue()
+    if kind == "truncated":
+        return good[: len(good) // 2]
+    if kind == "empty":
+        return b""
+    if kind == "not a dict":
+        buf = io.BytesIO()
+        torch.save([torch.zeros(2)], buf)
+        return buf.getvalue()
+    raise AssertionError(kind)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("force_env", [False, True], ids=["", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"])
+@pytest.mark.parametrize("kind", ["raw pickle", "torch zip", "truncated", "empty", "not a dict"])
+def test_tampered_or_torn_checkpoint_is_refused_and_runs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  kind: str, force_env: bool) -> None:
+    if force_env:  # torch honours it only when a call site leaves weights_only unset; ours sets it
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "pwned"
+    trial = _trial_with_one_good_checkpoint(tmp_path)
+    good_path = trial / "checkpoints" / "exp-000.pt"
+    bad_path = trial / "checkpoints" / "exp-001.pt"
+    bad_path.write_bytes(_tampered(kind, marker, good_path.read_bytes()))
+
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.latest(trial)
+    assert str(bad_path) in str(err.value)
+    assert not marker.exists(), "unpickling a checkpoint ran code"
+    assert checkpoint.load(good_path)["R"] == [[0.5]], "the last good checkpoint must stay readable"
+
+
+def test_torch_zip_payload_really_is_a_pickle_of_os_system(tmp_path: Path) -> None:
+    """The tampered file of the test above is a real attack: an unrestricted load runs it."""
+    marker = tmp_path / "pwned"
+    data = _tampered("torch zip", marker, b"")
+    assert any(name.endswith("data.pkl") for name in zipfile.ZipFile(io.BytesIO(data)).namelist())
+    torch.load(io.BytesIO(data), weights_only=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../../etc", "a/b", "/abs", "x\x00y", "é", "", " ", "a" * 300])
+def test_any_name_becomes_one_component_inside_its_folder(tmp_path: Path, name: str) -> None:
+    part = safepaths.component(name)
+    assert "/" not in part and "\x00" not in part and part not in (".", "..") and 0 < len(part) <= 100
+    assert safepaths.inside(tmp_path, "reports", name).parent == (tmp_path / "reports").resolve()
+
+
+def test_plain_names_are_kept_and_different_names_never_share_a_folder() -> None:
+    assert safepaths.component("quickstart") == "quickstart"
+    assert safepaths.component("a/b") != safepaths.component("a_b") != safepaths.component("a:b")
+
+
+def test_a_symlink_out_of_the_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "reports").symlink_to(tmp_path)
+    with pytest.raises(UsageError, match="is outside"):
+        safepaths.inside(tmp_path / "root", "reports", "exp")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec([{"name": "naive"}])))
+    storage = tmp_path / "storage"
+    start = time.monotonic()
+    proc = run_clgrid("run", str(spec), "--tracking-uri", uri, "--storage", str(storage), timeout=300)
+    took = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"clgrid run: tracking server {uri} is unreachable (")
+    assert "expected an MLflow tracking server" in line
+    assert not storage.exists(), "nothing may be created before the tracking server answers"
+    assert took < 120, f"{took:.0f}s: MLflow's client retries must not run before the check"
+
+    proc = run_clgrid("report", "some-experiment", "--tracking-uri", uri, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and f"tracking server {uri} is unreachable" in proc.stderr
+
+
+SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "clgrid-fake-secret-123",
+    "AWS_ACCESS_KEY_ID": "AKIACLGRIDFAKEKEY456",
+    "MLFLOW_TRACKING_TOKEN": "clgrid-fake-token-789",
+    "MLFLOW_TRACKING_PASSWORD": "clgrid-fake-password-321",
+    "CLGRID_FAKE_API_TOKEN": "clgrid-fake-forwarded-654",  # CLGRID_* settings are forwarded to trials
+}
+
+
+@pytest.mark.slow
+def test_a_real_sweep_and_report_leak_no_credentials_and_stay_in_their_folder(tmp_path: Path) -> None:
+    """`clgrid run` + `clgrid report` with secrets in the environment: every output and every file
+    they write (MLflow's SQLite DB, params, tags, artifacts, checkpoints, Ray's results and the Ray
+    session logs, the report) is free of them; an experiment named ``../../escape`` gets its report
+    inside ``<storage>/reports``."""
+    storage = tmp_path / "storage"
+    spec = tmp_path / "tiny.yaml"
+    data = tiny_spec([{"name": "naive"}], tracking={"experiment": "../../escape"}, storage={"root": str(storage)})
+    data["train"]["iterations"] = 2
+    spec.write_text(yaml.safe_dump(data))
+    # Ray's session logs go to RAY_TMPDIR; a short path, because Ray's unix sockets live under it
+    ray_tmp = Path(tempfile.mkdtemp(prefix="clr", dir="/tmp"))
+    env = {**SECRETS, "RAY_TMPDIR": str(ray_tmp)}
+    try:
+        run = run_clgrid("run", str(spec), "--no-report", env=env, cwd=tmp_path)
+        assert run.returncode == 0, run.stdout + run.stderr
+        report = run_clgrid("report", str(spec), env=env, cwd=tmp_path)
+        assert report.returncode == 0, report.stdout + report.stderr
+
+        reports = list((storage / "reports").iterdir())
+        assert len(reports) == 1 and reports[0].name.startswith("escape-"), reports
+        assert (reports[0] / "report.html").is_file()
+        assert not (tmp_path / "escape").exists() and not (tmp_path.parent / "escape").exists()
+
+        files = [p for root in (tmp_path, ray_tmp) for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+        assert any(p.name == "mlflow.db" for p in files) and any(p.suffix == ".pt" for p in files)
+        assert any("session_" in str(p) and p.suffix in (".log", ".out", ".err") for p in files), "no Ray logs seen"
+        outputs = {"run stdout": run.stdout, "run stderr": run.stderr, "report stdout": report.stdout,
+                   "report stderr": report.stderr}
+        leaks = [f"{where}: {name}" for where, text in outputs.items() for name, secret in SECRETS.items() if secret in text]
+        for path in files:
+            content = path.read_bytes()
+            leaks += [f"{path}: {name}" for name, secret in SECRETS.items() if secret.encode() in content]
+        assert not leaks, f"credentials written to {len(leaks)} places: {leaks[:10]}"
+    finally:
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
