@@ -96,7 +96,9 @@ class Trainer:
     def _memory(self):
         capacity = int(getattr(self.trial.strategy, "buffer_size", 0))
         if self.trial.storage.replay == "arrow" and capacity > 0 and self.instrument:
-            return ArrowReplayStore(self.trial_dir / "replay", capacity)
+            # manifest=0: a fresh start never inherits an earlier attempt's samples; resume reopens
+            # the checkpoint's manifest through load_state_dict
+            return ArrowReplayStore(self.trial_dir / "replay", capacity, manifest=0)
         return TensorMemory(capacity)
 
     def _task_mask(self) -> Tensor:
@@ -131,6 +133,7 @@ class Trainer:
                 with self.flops.counting():
                     strategy.after_experience(ctx)
             R.append(self.evaluate())
+            ctx.replay.commit()  # durable before it is measured (replay_bytes) and checkpointed
             report = ExperienceReport(exp.index, R[-1], metrics.partial_summary(R, b), self.costs().as_dict())
             history.append(report)
             if self.instrument:
@@ -265,7 +268,6 @@ class Trainer:
     def _state(self, R: list[list[float]], b: list[float], history: list[ExperienceReport]) -> dict[str, Any]:
         """Everything the next experience depends on. The optimizer is not saved: every experience
         starts a fresh one."""
-        self.ctx.replay.commit()
         return {
             "model": self.ctx.model.state_dict(),
             "strategy": self.strategy.state_dict(),
