@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("resume", help="continue an interrupted sweep: finished trials are kept, the others resume")
     p.add_argument("target", help="a sweep folder (with sweep.json), or a spec: its newest sweep in the storage root")
-    p.add_argument("--storage", help="the storage root the spec ran with")
+    p.add_argument("--storage", help="with a spec: the --storage it ran with")
+    p.add_argument("--tracking-uri", help="with a spec: the --tracking-uri it ran with")
     p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     p.add_argument("--address", help="attach to a running Ray cluster (ray://HOST:10001, HOST:6379 or 'auto')")
     p.set_defaults(func=cmd_resume)
@@ -168,7 +169,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if Path(args.target).is_dir():
         sweep_dir = sweep.sweep_dir_of(Path(args.target))
     else:
-        sweep_dir = sweep.find_sweep(_load(argparse.Namespace(spec=args.target, storage=args.storage)))
+        sweep_dir = sweep.find_sweep(_load(argparse.Namespace(spec=args.target, storage=args.storage,
+                                                              tracking_uri=args.tracking_uri)))
     meta = sweep.read_meta(sweep_dir)
     liveness.ensure_not_running(meta["tracking_uri"], meta["parent_run_id"], meta["sweep_id"])
     done = sweep.finished_trials(sweep_dir)
