@@ -7,17 +7,22 @@ drifted: the old copy keeps its old weights for earlier tasks. Every unit carrie
 uses the units born at or before t and not retired at or before t (a split retires the old copy).
 
 Simplifications of the paper:
-- Sparsity by decoupled proximal steps: after every optimizer step the trained weights shrink by
-  lr * l1 toward zero (soft-thresholding: exact zeros), new units by lr * group_l1 as groups (each
-  unit's incoming weights and bias); no L2 term.
+- Sparsity by decoupled proximal steps, not a loss term: after every optimizer step the trained
+  weights shrink by lr * l1 toward zero (soft-thresholding: exact zeros), new units by
+  lr * group_l1 as groups (a unit's incoming weights and bias). With Adam, whose steps are at most
+  about lr, a weight survives when its normalised step exceeds l1: keep l1 < 1.
+- L1 applies while training from scratch (first experience, new heads, new units); selective
+  retraining has none (it would pull earlier tasks' weights to zero) and no L2 term either.
 - Selection: the new head trains alone (sparse) for the head budget; the selected units are those
-  it reaches through non-zero weights (breadth-first, top-down); first-layer units retrain all
-  their input weights.
+  it reaches through non-zero weights (breadth-first, top-down), and only the non-zero weights
+  among them retrain, so the network stays sparse and drift stays small.
 - Expansion adds k units to every hidden layer when the mean training loss after selective
   retraining exceeds loss_threshold, and trains only their weights and the new head.
 - Splitting compares each retrained unit's incoming weights and bias with their values before the
   experience (L2); the duplicate keeps the new weights and is not retrained again, the restored old
   copy is retired from this task on (the paper shares it and retrains).
+- Growth is logged per experience in the strategy state (``growth``: loss, selected, expanded,
+  split, widths) and by the trainer's model_bytes.
 """
 
 import math
@@ -140,7 +145,7 @@ class DEN(Strategy):
     def _project(self, *_: Any) -> None:
         shrink = self.lr * self.config.l1 if self.sparse else 0.0
         for p, mask in self.masks.items():
-            w = p.sign() * (p.abs() - shrink).clamp_min(0) if p.dim() == 2 else p
+            w = p.sign() * (p.abs() - shrink).clamp_min(0) if shrink and p.dim() == 2 else p
             p.copy_(torch.where(mask, w, self.frozen[p]))
         for layer, rows in self.groups:  # group lasso: a new unit's weights shrink together, to zero
             norm = torch.cat([layer.weight[rows], layer.bias[rows, None]], 1).norm(dim=1)
