@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import tempfile
 from pathlib import Path
 
 from clgrid.errors import UsageError
@@ -40,3 +41,19 @@ def inside(root: str | Path, *names: str) -> Path:
     if not path.is_relative_to(base):
         raise UnsafePathError(f"{path} is outside {base} (built from the names {list(names)!r})")
     return path
+
+
+def check_writable(root: str | Path) -> None:
+    """Refuses (one line, exit 2) a local storage root clgrid cannot create files in: read-only,
+    full, or not a folder. Checked before anything starts; a URI (``s3://...``) is left to its
+    filesystem."""
+    if "://" in str(root):
+        return
+    path = Path(root).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".clgrid-write-check-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"storage root {path} is not writable ({exc.strerror or exc}); expected a folder "
+                         f"clgrid can create files in (or --storage DIR)") from None

@@ -175,10 +175,23 @@ def _inject_fault(trial_key: str, experience: int) -> None:
     raise RuntimeError(f"injected hang ({FAULT_ENV}) was not killed")
 
 
+FORWARDED_ENV = (FAULT_ENV,)  # the driver's settings that trials read
+
+
 def trial_env() -> dict[str, str]:
-    """Environment variables trials get from their driver: quiet warnings, and the driver's CLGRID_*
-    settings (e.g. the test hook above), which reach workers on other nodes only this way."""
-    return {"PYTHONWARNINGS": "ignore", **{k: v for k, v in os.environ.items() if k.startswith("CLGRID_")}}
+    """Environment variables trials get from their driver: quiet warnings, and FORWARDED_ENV, which
+    reach workers on other nodes only this way. Nothing else: Ray writes a runtime_env verbatim to
+    its logs (runtime_env_agent.log) and the job API, so a CLGRID_API_TOKEN must not travel in it."""
+    return {"PYTHONWARNINGS": "ignore", **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
+
+
+def _credentials_stay_out_of_runtime_envs() -> None:
+    """Ray Tune copies the driver's AWS_* credentials into every trainable's runtime_env, and Ray's
+    runtime_env_agent logs that verbatim. Local workers inherit the driver's environment anyway;
+    cluster nodes use their own credentials (instance roles, the pod's secrets)."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = {v for v in class_cache.ENV_VARS_TO_PROPAGATE if not v.startswith("AWS_")}
 
 
 def connect(address: str | None) -> None:
@@ -210,6 +223,7 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
         "trial_dir": str(sweep_dir / TrialSpec.model_validate(t["trial"]).trial_key),
     } for t in meta["trials"]]
     connect(address)
+    _credentials_stay_out_of_runtime_envs()
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}),
         param_space={"cfg": tune.grid_search(configs)},

@@ -4,10 +4,12 @@ outside the folders the user named, nothing secret is logged, and nothing starts
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
 import socket
+import subprocess
 import tempfile
 import time
 import zipfile
@@ -177,3 +179,105 @@ def test_a_real_sweep_and_report_leak_no_credentials_and_stay_in_their_folder(tm
         import shutil
 
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# ---- full and read-only storage -------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs():
+    """A fresh 1 MiB tmpfs: a disk that really fills up, and can be remounted read-only. Needs root
+    with CAP_SYS_ADMIN (this project's machines and CI have it; chmod does not stop root)."""
+    mnt = Path(tempfile.mkdtemp(prefix="clgrid-fs-"))
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        mnt.rmdir()
+        pytest.skip("cannot mount a tmpfs here; test_injected_enospc_* covers the same write path")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        mnt.rmdir()
+
+
+def _rows(n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"x": torch.randn(n, 1, 100, 100, generator=g), "y": torch.randint(0, 5, (n,), generator=g)}
+
+
+def _no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith((".tmp", ".clgrid"))]
+
+
+def test_full_disk_is_a_clear_error_and_the_last_checkpoint_and_manifest_stay_readable(small_fs: Path) -> None:
+    from clgrid.replay.arrow_store import ArrowReplayStore
+
+    trial = small_fs / "trial"
+    checkpoint.save(trial, 0, {"model": {"w": torch.ones(3)}, "R": [[0.5]]})
+    store = ArrowReplayStore(trial / "replay", capacity=40)
+    store.insert(_rows(2, 0), generator=torch.Generator().manual_seed(0))
+    committed, kept_rows = store.commit(), store.rows()
+
+    with pytest.raises(OSError) as err:  # 2 MB into a 1 MiB disk
+        checkpoint.save(trial, 1, {"model": {"w": torch.ones(512, 1024)}, "R": [[0.5], [0.6]]})
+    assert err.value.errno == errno.ENOSPC and str(trial / "checkpoints" / "exp-001.pt") in str(err.value)
+    store.insert(_rows(30, 1), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(OSError) as err:
+        store.commit()
+    assert err.value.errno == errno.ENOSPC
+
+    assert checkpoint.latest(trial)["R"] == [[0.5]]
+    reopened = ArrowReplayStore(trial / "replay")
+    assert reopened.manifest_id == committed and torch.equal(reopened.rows()["x"], kept_rows["x"])
+    assert _no_temp_files(trial)
+
+
+def test_read_only_storage_is_refused_up_front_and_keeps_what_it_holds(small_fs: Path, tmp_path: Path) -> None:
+    trial = small_fs / "trial"
+    checkpoint.save(trial, 0, {"model": {"w": torch.ones(3)}, "R": [[0.5]]})
+    subprocess.run(["mount", "-o", "remount,ro", str(small_fs)], check=True)
+    with pytest.raises(OSError) as err:
+        checkpoint.save(trial, 1, {"model": {"w": torch.ones(3)}, "R": [[0.5], [0.6]]})
+    assert err.value.errno == errno.EROFS
+    assert checkpoint.latest(trial)["R"] == [[0.5]]
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec([{"name": "naive"}])))
+    proc = run_clgrid("run", str(spec), "--storage", str(small_fs / "runs"), timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"clgrid run: storage root {small_fs / 'runs'} is not writable (Read-only file system)")
+
+
+def test_injected_enospc_on_the_atomic_write_path_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same guarantee without a mount: the disk fills up while the new checkpoint is flushed."""
+    trial = _trial_with_one_good_checkpoint(tmp_path)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    with pytest.raises(OSError) as err:
+        checkpoint.save(trial, 1, {"model": {"w": torch.zeros(3)}, "R": [[0.5], [0.6]]})
+    assert err.value.errno == errno.ENOSPC and "exp-001.pt" in str(err.value)
+    monkeypatch.undo()
+    assert checkpoint.latest(trial)["R"] == [[0.5]] and _no_temp_files(trial)
+
+
+def test_an_edited_replay_manifest_cannot_point_outside_its_store(tmp_path: Path) -> None:
+    """Manifests carry their own sha256, which an editor can recompute: shard names are checked too."""
+    import json
+
+    from clgrid.replay import manifest as manifests
+    from clgrid.replay.arrow_store import ArrowReplayStore
+    from clgrid.replay.errors import ManifestError
+
+    store = ArrowReplayStore(tmp_path / "replay", capacity=10)
+    store.insert(_rows(2, 0), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "replay" / manifests.manifest_name(store.commit())
+    doc = json.loads(path.read_text())
+    del doc["sha256"]
+    doc["shards"][0]["name"] = "../../outside.arrow"
+    path.write_text(json.dumps({**doc, "sha256": manifests._digest(doc)}))
+    with pytest.raises(ManifestError, match="'../../outside.arrow' is not shard-NNNNNN.arrow"):
+        with pytest.warns(UserWarning):
+            ArrowReplayStore(tmp_path / "replay")

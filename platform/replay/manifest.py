@@ -23,6 +23,7 @@ from clgrid.replay.storage import StoreRoot
 
 FORMAT = "clgrid.replay"
 _NAME = re.compile(r"manifest-(\d{6,})\.json")
+_SHARD = re.compile(r"shard-\d{6,}\.arrow")
 
 
 def manifest_name(manifest_id: int) -> str:
@@ -88,6 +89,9 @@ class Manifest:
             shards = [
                 ShardInfo(str(s["name"]), int(s["rows"]), int(s["bytes"]), str(s["sha256"])) for s in doc["shards"]
             ]
+            for s in shards:  # a shard name is joined to the store folder: no "../" from an edited manifest
+                if not _SHARD.fullmatch(s.name):
+                    raise ValueError(f"shard name {s.name!r} is not shard-NNNNNN.arrow")
             src, row = _decode_runs(doc["slots"], int(doc["length"]), shards)
             return cls(
                 id=int(doc["id"]),
