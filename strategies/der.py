@@ -19,14 +19,16 @@ class DERConfig(StrategyConfig):
     buffer_size: int = Field(200, ge=1, description="samples the memory holds")
     alpha: float = Field(0.5, ge=0, description="weight of the logit-matching (MSE) term")
     beta: float = Field(0.5, ge=0, description="weight of the stored-label CE term; 0 gives DER, > 0 DER++")
-    replay_batch_size: int | None = Field(None, ge=1, description="memory samples per term and step; default: the batch size")
+    replay_batch_size: int | None = Field(None, ge=1,
+                                          description="memory samples per term and step; default: the batch size")
 
 
 class DER(Strategy):
     Config = DERConfig
 
     def _memory_scores(self, ctx: Context) -> tuple[Tensor, dict[str, Tensor]]:
-        rows = {k: v.to(ctx.device) for k, v in ctx.replay.sample(self.config.replay_batch_size or ctx.batch_size, ctx.rng).items()}
+        rows = ctx.replay.sample(self.config.replay_batch_size or ctx.batch_size, ctx.rng)
+        rows = {k: v.to(ctx.device) for k, v in rows.items()}
         return ctx.mask(ctx.model(rows["x"], rows["t"]), rows["t"]), rows
 
     def loss(self, batch: Batch, output: Tensor, ctx: Context) -> Tensor | None:

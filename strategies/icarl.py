@@ -72,7 +72,8 @@ class ICaRL(Strategy):
 
     @torch.no_grad()
     def _features(self, ctx: Context, x: Tensor, chunk: int = 512) -> Tensor:
-        return F.normalize(torch.cat([ctx.model.features(x[i:i + chunk].to(ctx.device)) for i in range(0, len(x), chunk)]), dim=1)
+        features = [ctx.model.features(x[i:i + chunk].to(ctx.device)) for i in range(0, len(x), chunk)]
+        return F.normalize(torch.cat(features), dim=1)
 
     def after_experience(self, ctx: Context) -> None:
         per_class = self.config.buffer_size // len(ctx.seen_classes)
