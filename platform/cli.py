@@ -119,8 +119,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = _load(args)
     from clgrid import sweep, tracking
 
-    safepaths.check_writable(spec.storage.root)
     tracking.check_reachable(spec.tracking_uri)  # before Ray starts: MLflow itself retries for minutes
+    safepaths.check_writable(spec.storage.root)  # creates the root: after the check above, which creates nothing
     n = len(specs.expand(spec))
     print(f"clgrid: {spec.name}: {n} trials; storage {Path(spec.storage.root).resolve()}; tracking {spec.tracking_uri}",
           flush=True)
