@@ -29,7 +29,7 @@ MAX_TRIALS_DEFAULT = 10_000
 MAX_TRIALS_LIMIT = 1_000_000  # the largest max_trials a spec may ask for: beyond it no sweep is meant
 # A spec is a page of YAML. These bounds are far above any real one and keep a hostile one (a
 # billion-laughs alias bomb, 10,000 nested brackets, a 1 GB file) from eating time or memory:
-# PyYAML's pure-Python loader needs about 65 us per value, so the worst accepted text parses in ~1 s.
+# PyYAML's pure-Python loader needs about 65 us per value: the worst accepted text takes 1-3 s.
 MAX_SPEC_CHARS = 250_000
 MAX_DEPTH = 32  # nesting, counted after aliases are expanded
 MAX_NODES = 20_000  # scalars, lists and mappings, counted after aliases are expanded
