@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,23 +19,26 @@ def place(
 
 
 def reservoir(n_new: int, seen: int, capacity: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """Reservoir sampling (Vitter 1985): the i-th sample offered is kept with probability capacity/i."""
-    src, slots = [], []
+    """Reservoir sampling (Vitter 1985): the i-th sample offered is kept with probability capacity/i.
+
+    Vectorised, as it runs after every training step (numpy: its per-call overhead on a batch of
+    indices is far below torch's). It makes the draws a per-sample loop would make, one per offered
+    sample, and returns the same slots in the same order.
+    """
     # float64: float32 draws hold 24 random bits, so past ~16M samples some slots could never be picked
-    draws = torch.rand(n_new, generator=generator, dtype=torch.float64)
-    for i in range(n_new):
-        k = seen + i  # samples offered before this one
-        if k < capacity:
-            src.append(i)
-            slots.append(k)
-        else:
-            j = int(draws[i] * (k + 1))
-            if j < capacity:
-                src.append(i)
-                slots.append(j)
-    # a later sample may claim a slot an earlier one in the same call took: keep the last writer only
-    last = {s: i for i, s in zip(src, slots)}
-    return torch.tensor(list(last.values()), dtype=torch.long), torch.tensor(list(last.keys()), dtype=torch.long)
+    draws = torch.rand(n_new, generator=generator, dtype=torch.float64).numpy()
+    k = np.arange(seen, seen + n_new, dtype=np.int64)  # samples offered before each one
+    j = np.where(k < capacity, k, (draws * (k + 1)).astype(np.int64))
+    src = np.flatnonzero(j < capacity)
+    slots = j[src]
+    unique, first = np.unique(slots, return_index=True)
+    if len(unique) < len(slots):
+        # a later sample claimed a slot an earlier one in the same call took: keep the last writer
+        # only, slots listed in the order of their first claim
+        last = len(slots) - 1 - np.unique(slots[::-1], return_index=True)[1]
+        order = np.argsort(first)
+        src, slots = src[last[order]], unique[order]
+    return torch.from_numpy(src.astype(np.int64)), torch.from_numpy(slots)
 
 
 def class_balanced(
