@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.transforms.functional import InterpolationMode, rotate
 
 from clgrid.benchmarks import BenchmarkSpec, Experience, Stream
 from clgrid.benchmarks.sources import NUM_CLASSES, load_source
@@ -101,6 +100,10 @@ def _permuter(permutation: Tensor):
 
 
 def _rotator(angle: float):
+    # imported here: torchvision pulls in torch._dynamo, seconds of start-up for every process that
+    # imports clgrid.spec (the CLI, every Ray worker) when no stream is rotated
+    from torchvision.transforms.functional import InterpolationMode, rotate
+
     def rotate_all(x: Tensor) -> Tensor:
         chunks = [
             rotate(chunk, angle, interpolation=InterpolationMode.BILINEAR) for chunk in x.split(_ROTATE_CHUNK)
