@@ -122,9 +122,20 @@ def test_liveness_rule():
     assert not liveness.judge(_parent(started=now - 600), older_than=180).alive  # never got to run
 
 
+def _log_experiences(uri: str, run_id: str, steps: int) -> None:
+    from clgrid import tracking
+
+    tracking.client.cache_clear()  # a forked child opens its own database connections
+    for step in range(steps):
+        tracking.log_experience(uri, run_id, step, [0.5] * 4, {"acc": 0.5, "bwt": 0.0}, {"train_flops": 1.0})
+        tracking.client(uri).set_tag(run_id, "clgrid.heartbeat", str(step))
+
+
 @pytest.mark.slow
 def test_sqlite_takes_concurrent_trial_writes(tmp_path):
     """Two trial processes logging every experience to one SQLite file at once: none fails."""
+    import multiprocessing
+
     from mlflow.tracking import MlflowClient
 
     from clgrid import tracking
@@ -132,16 +143,15 @@ def test_sqlite_takes_concurrent_trial_writes(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     exp = tracking.experiment_id(uri, "concurrency", str(tmp_path))
     runs = [MlflowClient(uri).create_run(exp).info.run_id for _ in range(2)]
-    code = ("import sys\nfrom clgrid import tracking\nuri, run = sys.argv[1:]\n"
-            "for step in range(20):\n"
-            "    tracking.log_experience(uri, run, step, [0.5] * 4, {'acc': 0.5, 'bwt': 0.0}, {'train_flops': 1.0})\n"
-            "    tracking.client(uri).set_tag(run, 'clgrid.heartbeat', str(step))\n")
-    procs = [subprocess.Popen([sys.executable, "-c", code, uri, run], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-             for run in runs]
-    errors = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errors
+    fork = multiprocessing.get_context("fork")  # no re-import of torch and MLflow per child
+    procs = [fork.Process(target=_log_experiences, args=(uri, run, 30)) for run in runs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0, 0]
     for run in runs:
-        assert tracking.logged_steps(uri, run) == set(range(20))
+        assert tracking.logged_steps(uri, run) == set(range(30))
 
 
 # ---- slow: a real two-node cluster -------------------------------------------------------------
@@ -150,8 +160,7 @@ def test_sqlite_takes_concurrent_trial_writes(tmp_path):
 @dataclass
 class Cluster:
     root: Path
-    gcs: str  # for `clgrid run --address HOST:PORT` (a driver on a cluster node)
-    client: str  # for `clgrid resume --address ray://HOST:PORT` (Ray Client, a driver elsewhere)
+    gcs: str  # for `clgrid run --address`
     dashboard: str  # the job API, for `clgrid submit`
     mlflow: str
     env: dict[str, str]  # what every clgrid command against this cluster needs (the token)
@@ -225,20 +234,19 @@ def cluster():
     token = secrets.token_hex(16)
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
-    gcs, dash, client, mlflow = _free_port(), _free_port(), _free_port(), _free_port()
+    gcs, dash, mlflow = _free_port(), _free_port(), _free_port()
 
     def ports() -> list[str]:  # two nodes on one machine: no default port may be shared
         return [f"--{name}={_free_port()}" for name in ("node-manager-port", "object-manager-port", "metrics-export-port",
                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")]
 
-    c = Cluster(root, f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}", f"http://127.0.0.1:{dash}",
-                f"http://127.0.0.1:{mlflow}", env)
+    c = Cluster(root, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{mlflow}", env)
     logs = (root / "head.log", root / "worker.log", root / "mlflow.log")
     ray = str(Path(sys.executable).with_name("ray"))
     procs = [
         c.popen([ray, "start", "--block", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                 f"--ray-client-server-port={client}",
+                 f"--ray-client-server-port={_free_port()}",  # not the default 10001, maybe taken
                  f"--temp-dir={root / 'head'}", "--disable-usage-stats", *ports()], logs[0]),
         c.popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(mlflow),
                  "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow-server.db",
@@ -370,7 +378,7 @@ def test_killed_driver_then_reap_and_resume(cluster, reference, capsys):
         k: "FINISHED" if k in finished else "KILLED" for k in keys}
     assert runs["sweep"][0].info.status == "KILLED"
 
-    resume = cluster.clgrid("resume", str(sweep_dir), "--address", cluster.client)
+    resume = cluster.clgrid("resume", str(sweep_dir), "--address", cluster.gcs)
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
     assert f"{len(finished)}/4 trials finished" in resume.stdout
     after = {k: len(_attempts(sweep_dir, k)) for k in keys}
