@@ -81,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", help="the store folder (a trial's replay/ folder) or URI")
     p.set_defaults(func=cmd_replay_inspect)
 
+    p = sub.add_parser("bench", help="the platform's cost against a plain torch loop, as ratios "
+                                     "(tests/benchmarks/bench_platform.py; minutes)")
+    p.add_argument("--quick", action="store_true", help="tiny workloads: digits, a few steps, a 2-trial sweep")
+    p.add_argument("--reps", type=int, help="repetitions of each trainer comparison (default 3)")
+    p.add_argument("--epochs", type=int, help="epochs per experience (default: the quickstart's)")
+    p.add_argument("--out", help="also write the results as JSON here")
+    p.set_defaults(func=cmd_bench)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)
@@ -234,6 +242,18 @@ def _write_report(experiment: str, uri: str, root: Path, out: str | None, spec: 
         return 1
     print(f"Report of {result.n_finished}/{result.n_runs} runs, {result.n_configs} configurations: "
           f"{result.html} (and {result.markdown.name})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Runs the benchmark script of a source checkout (it is not part of the installed package)."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "tests" / "benchmarks" / "bench_platform.py"
+    if not script.is_file():
+        raise UsageError(f"{script} not found: clgrid bench runs from a source checkout (pip install -e .)")
+    options = [f"--{k}={v}" for k in ("reps", "epochs", "out") if (v := getattr(args, k)) is not None]
+    runpy.run_path(str(script))["main"](["--quick"] * args.quick + options)
     return 0
 
 

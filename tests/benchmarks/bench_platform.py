@@ -1,0 +1,420 @@
+"""What the platform costs a user, against a plain torch loop, measured in one run and printed as ratios.
+
+    python tests/benchmarks/bench_platform.py [--quick] [--reps 3] [--epochs 4] [--out results.json]
+    clgrid bench [the same options]
+
+1. trainer overhead: the clgrid trainer (naive, replay, EWC) against hand-written torch loops doing
+   the same work: same data, model, seed, batches, optimizer reset per experience, evaluation of
+   every test experience after every experience, one thread. The loops draw the same random numbers
+   in the same order, so a matching accuracy matrix shows the work is the same.
+2. sweep efficiency: the quickstart grid (12 trials, 1 CPU each) through ``sweep.prepare`` and
+   ``sweep.run`` in a fresh process: sum of the trials' train_seconds / (wall x cores), and the
+   per-trial overhead (core-seconds not spent training, per trial).
+3. evaluation share: the part of an instrumented trial spent filling the accuracy matrix.
+4. instrumentation cost: FLOP counting, checkpoints, Arrow replay commits and MLflow logging on
+   against all off.
+5. scaling: time per trial against the number of experiences T (permuted mnist5k, domain-IL),
+   fitted as a*T + c*T^2 (training grows with T, evaluation with T^2); and replay memory size.
+
+Timed variants are interleaved within each repetition (the order rotating), and ratios are medians
+of per-repetition ratios, so load from other processes weighs on both sides alike. ``--quick``
+runs a tiny version (digits, a few steps, a 2-trial sweep) for the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+
+from clgrid import tracking
+from clgrid.spec import PipelineSpec, TrialSpec, expand, load_spec
+from clgrid.trainer import ExperienceReport, Trainer
+
+STRATEGIES = {"naive": {"name": "naive"}, "replay": {"name": "replay", "buffer_size": 200},
+              "ewc": {"name": "ewc", "ewc_lambda": 1000.0}}
+
+
+# ---- workloads ---------------------------------------------------------------------------------
+
+def quickstart_dict(args: argparse.Namespace) -> dict[str, Any]:
+    """The quickstart pipeline as a dict (``--quick``: digits, 2 experiences, a few steps)."""
+    spec = load_spec("quickstart").model_dump(mode="json", exclude_defaults=True)
+    if args.quick:
+        spec["benchmarks"] = [{"source": "digits", "scenario": "class-il", "experiences": 2}]
+        spec["model"] = {"name": "mlp", "hidden": [64]}
+        spec["train"] = {"iterations": 10, "batch_size": 32, "lr": 0.001}
+    elif args.epochs:
+        spec["train"]["epochs"] = args.epochs
+    return spec
+
+
+def trial_of(spec: dict[str, Any], strategy: dict[str, Any], **update: Any) -> TrialSpec:
+    return expand(PipelineSpec.model_validate({**spec, "strategies": [strategy], "seeds": [0], **update}))[0]
+
+
+class TimedTrainer(Trainer):
+    """The trainer, with the seconds spent in evaluation (filling the accuracy matrix) counted."""
+
+    eval_seconds = 0.0
+
+    def evaluate(self) -> list[float]:
+        start = time.perf_counter()
+        try:
+            return super().evaluate()
+        finally:
+            self.eval_seconds += time.perf_counter() - start
+
+
+# ---- the plain loops -----------------------------------------------------------------------------
+
+def plain_loop(trial: TrialSpec, stream, kind: str) -> tuple[list[list[float]], int]:
+    """Naive fine-tuning, experience replay or EWC written directly in torch: (R, samples trained)."""
+    torch.set_num_threads(int(trial.resources.cpus_per_trial))
+    torch.use_deterministic_algorithms(False)
+    cfg, train = trial.strategy, trial.train
+    torch.manual_seed(trial.seed)
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = int(np.prod(stream.input_shape))
+    for hidden in trial.model.hidden:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    model = nn.Sequential(*layers, nn.Linear(width, stream.num_classes))
+    shuffle = torch.Generator().manual_seed(trial.seed)
+    rng = torch.Generator().manual_seed(trial.seed + 1)
+    memory = ReservoirBuffer(cfg.buffer_size, stream.input_shape) if kind == "replay" else None
+    anchors: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []  # EWC: (fisher, weights) per experience
+    params = dict(model.named_parameters())
+
+    def evaluate() -> list[float]:
+        model.eval()
+        row = []
+        with torch.inference_mode():
+            for exp in stream.test:
+                correct = sum(int((model(exp.x[i:i + train.eval_batch_size]).argmax(1)
+                                   == exp.y[i:i + train.eval_batch_size]).sum())
+                              for i in range(0, len(exp.y), train.eval_batch_size))
+                row.append(correct / len(exp.y))
+        model.train()
+        return row
+
+    evaluate()  # the fresh model (the trainer's b row)
+    R, samples = [], 0
+    for exp in stream.train:
+        optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+        for idx in batches(len(exp.y), train.batch_size, train.epochs, train.iterations, shuffle):
+            x, y = exp.x[idx], exp.y[idx]
+            new_x, new_y = x, y
+            if memory is not None and len(memory):
+                mx, my = memory.sample(cfg.replay_batch_size or train.batch_size, rng)
+                x, y = torch.cat([x, mx]), torch.cat([y, my])
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            if anchors:
+                penalty = sum(torch.stack([(f[k] * (params[k] - w[k]).pow(2)).sum() for k in w]).sum()
+                              for f, w in anchors)
+                loss = loss + 0.5 * cfg.ewc_lambda * penalty
+            loss.backward()
+            optimizer.step()
+            if memory is not None:
+                memory.insert(new_x, new_y, rng)
+            samples += len(y)
+        if kind == "ewc":
+            pick = torch.randperm(len(exp.y), generator=rng)[:cfg.fisher_samples]
+            anchors.append((fisher_diagonal(model, exp.x[pick], exp.y[pick]),
+                            {k: p.detach().clone() for k, p in params.items()}))
+        R.append(evaluate())
+    return R, samples
+
+
+def batches(n: int, size: int, epochs: int | None, iterations: int | None, shuffle: torch.Generator):
+    """Index batches of shuffled passes over n samples: ``epochs`` passes, or ``iterations`` steps."""
+    steps = 0
+    for _ in range(epochs or iterations):
+        order = torch.randperm(n, generator=shuffle)
+        for start in range(0, n, size):
+            if steps == iterations:
+                return
+            steps += 1
+            yield order[start:start + size]
+
+
+class ReservoirBuffer:
+    """A fixed-size reservoir of (x, y) in preallocated tensors."""
+
+    def __init__(self, capacity: int, shape: tuple[int, ...]):
+        self.x, self.y = torch.zeros(capacity, *shape), torch.zeros(capacity, dtype=torch.long)
+        self.capacity, self.seen = capacity, 0
+
+    def __len__(self) -> int:
+        return min(self.seen, self.capacity)
+
+    def sample(self, n: int, rng: torch.Generator) -> tuple[Tensor, Tensor]:
+        idx = torch.randperm(len(self), generator=rng)[:n]
+        return self.x[idx], self.y[idx]
+
+    def insert(self, x: Tensor, y: Tensor, rng: torch.Generator) -> None:
+        draws = torch.rand(len(y), generator=rng, dtype=torch.float64)
+        k = torch.arange(self.seen, self.seen + len(y))
+        slots = torch.where(k < self.capacity, k, (draws * (k + 1)).long())
+        for i, slot in enumerate(slots.tolist()):  # in order: a later sample wins a shared slot
+            if slot < self.capacity:
+                self.x[slot], self.y[slot] = x[i], y[i]
+        self.seen += len(y)
+
+
+def fisher_diagonal(model: nn.Module, x: Tensor, y: Tensor, chunk: int = 128) -> dict[str, Tensor]:
+    """Mean squared per-sample gradient of the loss (the empirical Fisher diagonal), via torch.func."""
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def loss(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    for start in range(0, len(y), chunk):
+        grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x[start:start + chunk], y[start:start + chunk])
+        for k, g in grads.items():
+            total[k] += g.square().sum(0)
+    return {k: v / len(y) for k, v in total.items()}
+
+
+# ---- 1, 3, 4: trainer overhead, evaluation share, instrumentation ------------------------------
+
+class Logged:
+    """What a sweep trial logs to MLflow (per experience, then the matrix), into a local SQLite store."""
+
+    def __init__(self, root: Path):
+        self.root, self.uri = root, f"sqlite:///{root}/mlflow.db"
+        self.exp = tracking.experiment_id(self.uri, "bench", str(root))
+
+    def new_run(self) -> str:
+        return tracking.with_retries(lambda: tracking.client(self.uri).create_run(self.exp)).info.run_id
+
+    def run_trial(self, trial: TrialSpec, trial_dir: Path, run_id: str) -> TimedTrainer:
+        def log(report: ExperienceReport) -> None:
+            tracking.log_experience(self.uri, run_id, report.experience, report.row, report.metrics, report.costs)
+
+        trainer = TimedTrainer(trial, trial_dir, on_experience=log)
+        result = trainer.run()
+        tracking.log_matrix(self.uri, run_id, result.R, result.b, trial_dir / "artifacts")
+        return trainer
+
+
+def bench_trainer(spec: dict[str, Any], reps: int, root: Path) -> dict[str, Any]:
+    """Plain loop, trainer (instrument=False) and instrumented trial, interleaved per repetition."""
+    logged = Logged(root)
+    out = {}
+    for name, strategy in STRATEGIES.items():
+        trial = trial_of(spec, strategy)
+        # warm-up: data load, first optimizer step (imports torch._dynamo), FLOP counter, MLflow client
+        warm = trial_of(spec, strategy, train={**spec["train"], "epochs": None, "iterations": 2})
+        stream = Trainer(warm, root / "warm", instrument=False).stream
+        plain_loop(warm, stream, name)
+        Trainer(warm, root / "warm", instrument=False).run()
+        logged.run_trial(warm, root / f"warm-{name}", logged.new_run())
+
+        times: dict[str, list[float]] = {"plain": [], "clgrid": [], "instrumented": []}
+        evals, R = [], {}
+        for r in range(reps):
+            run_dir, run_id = root / f"{name}-{r}", logged.new_run()
+
+            def plain() -> None:
+                R["plain"], R["samples"] = plain_loop(trial, stream, name)
+
+            def bare() -> None:
+                trainer = Trainer(trial, run_dir / "bare", instrument=False)
+                result = trainer.run()
+                R["clgrid"], R["clgrid_samples"] = result.R, result.costs["samples_seen"]
+
+            def instrumented() -> None:
+                trainer = logged.run_trial(trial, run_dir / "instrumented", run_id)
+                evals.append(trainer.eval_seconds)
+
+            variants = [("plain", plain), ("clgrid", bare), ("instrumented", instrumented)]
+            for label, fn in variants[r % 3:] + variants[:r % 3]:  # rotate the order per repetition
+                start = time.perf_counter()
+                fn()
+                times[label].append(time.perf_counter() - start)
+        samples = R["samples"]
+        ratio = {k: statistics.median(t / p for t, p in zip(times[k], times["plain"])) for k in ("clgrid", "instrumented")}
+        out[name] = {
+            "samples": samples, "seconds": {k: statistics.median(v) for k, v in times.items()},
+            "samples_per_s": {k: samples / statistics.median(v) for k, v in times.items()},
+            "overhead": ratio["clgrid"], "overhead_instrumented": ratio["instrumented"],
+            "instrumentation": statistics.median(i / c for i, c in zip(times["instrumented"], times["clgrid"])),
+            "eval_share": statistics.median(e / t for e, t in zip(evals, times["instrumented"])),
+            "same_matrix": R["plain"] == R["clgrid"] and samples == R["clgrid_samples"],
+        }
+    return out
+
+
+# ---- 2: sweep efficiency -------------------------------------------------------------------------
+
+def sweep_child(spec_json: str) -> None:
+    """In a fresh process, as `clgrid run` does it: prepare, run (starts Ray), shut Ray down."""
+    import ray
+
+    from clgrid import sweep
+
+    spec = PipelineSpec.model_validate_json(spec_json)
+    marks = {"start": time.time()}
+    sweep_dir = sweep.prepare(spec)
+    marks["prepared"] = time.time()
+    sweep.connect(None)
+    marks["ray_started"] = time.time()
+    outcome = sweep.run(sweep_dir, progress=False)
+    marks["ran"] = time.time()
+    ray.shutdown()
+    marks["shut_down"] = time.time()
+    trials = []
+    for t in outcome.trials:
+        folder = sweep_dir / t.trial.trial_key
+        starts = [float(line.split()[0]) for line in (folder / "attempts.log").read_text().splitlines()]
+        trials.append({"start": starts[0], "end": (folder / "result.json").stat().st_mtime,
+                       "pid": (folder / "attempts.log").read_text().split("pid=")[1].split()[0],
+                       "train_seconds": t.result["metrics"]["train_seconds"] if t.result else None})
+    print(json.dumps({"marks": marks, "trials": trials}))
+
+
+def bench_sweep(spec: dict[str, Any], root: Path) -> dict[str, Any]:
+    start = time.perf_counter()  # what every command costs before it does anything: imports, spec
+    subprocess.run([str(Path(sys.executable).with_name("clgrid")), "validate", "quickstart"], check=True,
+                   capture_output=True)
+    cli_start = time.perf_counter() - start
+    spec = {**spec, "storage": {"root": str(root / "sweep")}, "resources": {"cpus_per_trial": 1}}
+    proc = subprocess.run([sys.executable, __file__, "--sweep-child", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=7200)
+    if proc.returncode:
+        raise RuntimeError(f"sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    marks, trials = data["marks"], data["trials"]
+    if any(t["train_seconds"] is None for t in trials):
+        raise RuntimeError("a trial of the benchmark sweep failed")
+    cores = os.cpu_count() or 1
+    wall = marks["shut_down"] - marks["start"]  # prepare + run + shutdown
+    train = sum(t["train_seconds"] for t in trials)
+    last_per_worker = {}
+    for t in trials:
+        last_per_worker[t["pid"]] = max(last_per_worker.get(t["pid"], 0.0), t["end"])
+    end = max(t["end"] for t in trials)
+    return {
+        "trials": len(trials), "cores": cores, "wall": wall, "train_seconds": train,
+        "efficiency": train / (wall * cores), "overhead_per_trial": (wall * cores - train) / len(trials),
+        "cli_start": cli_start, "prepare": marks["prepared"] - marks["start"],
+        "ray_start": marks["ray_started"] - marks["prepared"],
+        "first_trial_start": min(t["start"] for t in trials) - marks["ray_started"],
+        "tail": end - min(last_per_worker.values()), "after_last_trial": marks["shut_down"] - end,
+        "trial_wall": sum(t["end"] - t["start"] for t in trials),
+        "workers": len(last_per_worker),
+    }
+
+
+# ---- 5: scaling ----------------------------------------------------------------------------------
+
+def bench_scaling(spec: dict[str, Any], args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Time per instrumented trial against T (naive, permuted stream), and replay memory size."""
+    source, sizes, counts = ("digits", [50, 100, 200], [2, 4, 8]) if args.quick else \
+        ("mnist5k", [200, 1000, 4000], [5, 10, 20])
+    train = {**spec["train"], "epochs": 1} if not args.quick else spec["train"]
+    rows = []
+    for T in counts:
+        bench = {"source": source, "scenario": "domain-il", "domain": "permuted", "experiences": T}
+        trial = trial_of(spec, {"name": "naive"}, benchmarks=[bench], train=train)
+        Trainer(trial, root / "warm-scale", instrument=False)  # the stream, cached per process
+        start = time.perf_counter()
+        trainer = TimedTrainer(trial, root / f"scale-{T}")
+        result = trainer.run()
+        rows.append({"T": T, "seconds": time.perf_counter() - start, "train_seconds": result.costs["train_seconds"],
+                     "eval_seconds": trainer.eval_seconds})
+    Ts = np.array([r["T"] for r in rows], dtype=float)
+    a, c = np.linalg.lstsq(np.stack([Ts, Ts**2], 1), np.array([r["seconds"] for r in rows]), rcond=None)[0]
+    exponent = float(np.log(rows[-1]["seconds"] / rows[-2]["seconds"]) / np.log(Ts[-1] / Ts[-2]))
+    memory = []
+    for size in sizes:
+        trial = trial_of(spec, {"name": "replay", "buffer_size": size})
+        start = time.perf_counter()
+        result = Trainer(trial, root / f"memory-{size}").run()
+        memory.append({"buffer_size": size, "seconds": time.perf_counter() - start,
+                       "replay_bytes": result.costs["replay_bytes"]})
+    return {"experiences": rows, "fit": {"a": float(a), "c": float(c)}, "exponent": exponent, "memory": memory}
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    return f"{os.cpu_count()} CPUs ({model}), torch {torch.__version__}"
+
+
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def report(results: dict[str, Any]) -> None:
+    for name, r in results["trainer"].items():
+        sps = r["samples_per_s"]
+        print(f"trainer overhead {name}: plain {sps['plain']:.0f} samples/s, clgrid {sps['clgrid']:.0f} samples/s "
+              f"(x{r['overhead']:.3f}), clgrid instrumented {sps['instrumented']:.0f} samples/s "
+              f"(x{r['overhead_instrumented']:.3f}); same accuracy matrix: {'yes' if r['same_matrix'] else 'NO'}")
+    s = results["sweep"]
+    print(f"sweep efficiency: {s['trials']} trials, {s['train_seconds']:.1f} train s summed / ({s['wall']:.1f} s wall "
+          f"x {s['cores']} cores) = {s['efficiency']:.2f}; per-trial overhead {s['overhead_per_trial']:.2f} s")
+    print(f"  sweep phases: prepare {s['prepare']:.1f} s, "
+          f"Ray start {s['ray_start']:.1f} s, first trial starts {s['first_trial_start']:.1f} s later, "
+          f"one core idle for the last {s['tail']:.1f} s, exit {s['after_last_trial']:.1f} s after the last trial; "
+          f"CLI start-up (clgrid validate quickstart) {s['cli_start']:.1f} s")
+    print("evaluation share: " + ", ".join(f"{n} {r['eval_share']:.1%}" for n, r in results["trainer"].items())
+          + " of an instrumented trial's time")
+    print("instrumentation cost: " + ", ".join(f"{n} x{r['instrumentation']:.3f}" for n, r in results["trainer"].items())
+          + " (FLOP counting, checkpoints, Arrow replay commits, MLflow logging: on vs off)")
+    sc = results["scaling"]
+    per_t = ", ".join(f"T={r['T']} {r['seconds']:.1f} s (eval {r['eval_seconds'] / r['seconds']:.0%})" for r in sc["experiences"])
+    print(f"scaling with experiences: {per_t}; fit {sc['fit']['a']:.3f} s*T + {sc['fit']['c']:.4f} s*T^2; "
+          f"growth exponent {sc['exponent']:.2f} over the last doubling")
+    print("scaling with memory size: " + ", ".join(
+        f"buffer {m['buffer_size']} {m['seconds']:.1f} s, {m['replay_bytes'] / 1e6:.1f} MB" for m in sc["memory"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny workloads (digits, a few steps, a 2-trial sweep)")
+    parser.add_argument("--reps", type=int, help="repetitions of each trainer comparison (default 3, quick 1)")
+    parser.add_argument("--epochs", type=int, help="epochs per experience (default: the quickstart's)")
+    parser.add_argument("--out", help="also write the results as JSON here")
+    parser.add_argument("--sweep-child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.sweep_child:
+        return sweep_child(args.sweep_child)
+    reps = args.reps or (1 if args.quick else 3)
+    spec = quickstart_dict(args)
+    print(f"machine: {machine()}; load average {load()} (1/5/15 min) at start", flush=True)
+    results: dict[str, Any] = {"machine": machine(), "load_start": load(), "quick": args.quick, "reps": reps}
+    with tempfile.TemporaryDirectory(prefix="clgrid-bench-") as tmp:
+        root = Path(tmp)
+        results["trainer"] = bench_trainer(spec, reps, root)
+        sweep_spec = {**spec, "strategies": [{"name": "naive"}], "seeds": [0, 1]} if args.quick else spec
+        results["sweep"] = bench_sweep(sweep_spec, root)
+        results["scaling"] = bench_scaling(spec, args, root)
+    results["load_end"] = load()
+    report(results)
+    print(f"load average {results['load_end']} (1/5/15 min) at the end", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

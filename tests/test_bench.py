@@ -1,0 +1,25 @@
+"""`clgrid bench --quick`: the platform benchmark runs end to end and prints every ratio (no timing checks)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_clgrid
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_benchmark_prints_every_ratio(tmp_path: Path) -> None:
+    proc = run_clgrid("bench", "--quick", "--out", str(tmp_path / "results.json"), cwd=tmp_path, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    for prefix in ("machine:", "trainer overhead naive:", "trainer overhead replay:", "trainer overhead ewc:",
+                   "sweep efficiency:", "evaluation share:", "instrumentation cost:", "scaling with experiences:",
+                   "scaling with memory size:"):
+        assert any(line.startswith(prefix) for line in lines), f"no line starting with {prefix!r}:\n{proc.stdout}"
+    # the hand-written loops do the trainer's work: same data order, random draws and accuracy matrix
+    assert sum("same accuracy matrix: yes" in line for line in lines) == 3, proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"trainer", "sweep", "scaling"} <= results.keys()
+    assert results["sweep"]["trials"] == 2
