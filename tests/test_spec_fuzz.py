@@ -28,7 +28,7 @@ from clgrid import cli
 from clgrid import spec as specs
 from clgrid.strategies import REGISTRY
 
-EXAMPLES = int(os.environ.get("CLGRID_FUZZ_EXAMPLES", "600"))
+EXAMPLES = int(os.environ.get("CLGRID_FUZZ_EXAMPLES", "2000"))
 FILENAME = "fuzz.yaml"
 SLOW = 10.0  # seconds for one spec: far above the worst bounded input (~1 s), far below a hang
 PROBLEM = re.compile(r"(?P<file>.+?):(?P<line>\d+): (?P<path>[^\s:]+): (?P<msg>\S.*)")
