@@ -1,8 +1,8 @@
 """Memory Aware Synapses (Aljundi et al. 2018, "Memory Aware Synapses: Learning what (not) to forget").
 
 After each experience a weight's importance is the mean over real samples of |d ||F(x)||^2 / d theta|,
-F the scores (no labels needed); it is summed over experiences and later training pays
-lambda * sum_i Omega_i (theta_i - theta*_i)^2 toward the latest weights.
+F the scores of the classes seen so far (no labels needed); it is summed over experiences and later
+training pays lambda * sum_i Omega_i (theta_i - theta*_i)^2 toward the latest weights.
 """
 
 from typing import Any, Literal
@@ -17,7 +17,8 @@ from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
 
 class MASConfig(StrategyConfig):
     name: Literal["mas"] = "mas"
-    mas_lambda: float = Field(1.0, ge=0, description="penalty strength")
+    # defaults tuned on mnist5k with the quickstart settings: tests/benchmarks/measure_regularization.py
+    mas_lambda: float = Field(0.1, ge=0, description="penalty strength")
     samples: int = Field(512, ge=1, description="real samples of the experience for the importance")
 
 
@@ -39,11 +40,13 @@ class MAS(Strategy):
         pick = torch.randperm(len(exp.y), generator=ctx.rng)[: self.config.samples]
         x, y = exp.x[pick].to(ctx.device), exp.y[pick].to(ctx.device)
         t = torch.full_like(y, exp.index)
+        seen = ctx.seen_classes
 
         def squared_norm(scores: Tensor, yi: Tensor, ti: Tensor) -> Tensor:
-            # task-IL: the scores outside the task are constants after masking, so only the
-            # task's outputs contribute gradient
-            return ctx.mask(scores, ti).pow(2).sum()
+            # F is what has been learned: the seen classes' scores (in task-IL the mask leaves only
+            # the task's scores non-constant). In class-IL the never-trained classes' large negative
+            # scores would otherwise make up most of the norm, and the penalty would protect them.
+            return ctx.mask(scores, ti)[:, seen].pow(2).sum()
 
         new = per_sample_gradient_mean(ctx.model, squared_norm, torch.abs, x, y, t)
         self.importance = {n: self.importance.get(n, 0) + v for n, v in new.items()}
