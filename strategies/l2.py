@@ -15,7 +15,8 @@ from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
 
 class L2Config(StrategyConfig):
     name: Literal["l2"] = "l2"
-    l2_lambda: float = Field(1.0, ge=0, description="penalty strength")
+    # defaults tuned on mnist5k with the quickstart settings: tests/benchmarks/measure_regularization.py
+    l2_lambda: float = Field(0.1, ge=0, description="penalty strength")
 
 
 class L2(Strategy):

@@ -18,6 +18,7 @@ from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
 
 class LwFConfig(StrategyConfig):
     name: Literal["lwf"] = "lwf"
+    # defaults tuned on mnist5k with the quickstart settings: tests/benchmarks/measure_regularization.py
     alpha: float = Field(1.0, ge=0, description="weight of the distillation loss")
     temperature: float = Field(2.0, gt=0, description="softens both networks' scores")
 

@@ -17,8 +17,9 @@ from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
 
 class SIConfig(StrategyConfig):
     name: Literal["si"] = "si"
+    # defaults tuned on mnist5k with the quickstart settings: tests/benchmarks/measure_regularization.py
     c: float = Field(1.0, ge=0, description="penalty strength")
-    xi: float = Field(0.1, gt=0, description="damping of the importance denominator")
+    xi: float = Field(1e-3, gt=0, description="damping of the importance denominator")
 
 
 class SI(Strategy):
