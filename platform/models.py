@@ -95,7 +95,8 @@ class MultiHead(nn.Module):
 
 
 class CLModel(nn.Module):
-    """backbone -> head; ``features(x)`` exposes the representation (iCaRL, SSL, distillation)."""
+    """backbone -> head; ``features(x)`` exposes the representation (iCaRL, SSL, distillation) and
+    ``scores(features, t)`` the head, so one backbone pass can be scored under several task ids."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
@@ -105,9 +106,11 @@ class CLModel(nn.Module):
     def features(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
+    def scores(self, features: Tensor, t: Tensor | None = None) -> Tensor:
+        return self.head(features, t) if isinstance(self.head, MultiHead) else self.head(features)
+
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
-        z = self.backbone(x)
-        return self.head(z, t) if isinstance(self.head, MultiHead) else self.head(z)
+        return self.scores(self.backbone(x), t)
 
 
 def build_model(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes: int,
