@@ -50,13 +50,18 @@ class LwF(Strategy):
             return None
         old = ctx.seen[:-1]
         if ctx.scenario == "task-il":
-            # each earlier task's head, on the batch scored as if it came from that task
+            # each earlier task's head, on the batch scored as if it came from that task; one
+            # backbone pass per network, however many heads
+            features = ctx.model.features(batch.x)
+            with torch.no_grad():
+                teacher_features = self.teacher.features(batch.x)
             total = output.new_zeros(())
             for e in old:
                 t, classes = torch.full_like(batch.t, e.index), list(e.classes)
                 with torch.no_grad():
-                    teacher = self.teacher(batch.x, t)[:, classes]
-                total = total + distillation(ctx.model(batch.x, t)[:, classes], teacher, self.config.temperature)
+                    teacher = self.teacher.scores(teacher_features, t)[:, classes]
+                student = ctx.model.scores(features, t)[:, classes]
+                total = total + distillation(student, teacher, self.config.temperature)
             return self.config.alpha * total
         classes = sorted({c for e in old for c in e.classes})
         with torch.no_grad():
