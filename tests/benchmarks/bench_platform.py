@@ -52,7 +52,7 @@ STRATEGIES = {"naive": {"name": "naive"}, "replay": {"name": "replay", "buffer_s
 
 def quickstart_dict(args: argparse.Namespace) -> dict[str, Any]:
     """The quickstart pipeline as a dict (``--quick``: digits, 2 experiences, a few steps)."""
-    spec = load_spec("quickstart").model_dump(mode="json", exclude_defaults=True)
+    spec = load_spec("quickstart").model_dump(mode="json")
     if args.quick:
         spec["benchmarks"] = [{"source": "digits", "scenario": "class-il", "experiences": 2}]
         spec["model"] = {"name": "mlp", "hidden": [64]}
@@ -306,9 +306,13 @@ def bench_sweep(spec: dict[str, Any], root: Path) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     wall = marks["shut_down"] - marks["start"]  # prepare + run + shutdown
     train = sum(t["train_seconds"] for t in trials)
-    last_per_worker = {}
-    for t in trials:
-        last_per_worker[t["pid"]] = max(last_per_worker.get(t["pid"], 0.0), t["end"])
+    by_worker: dict[str, list[dict[str, Any]]] = {}
+    for t in sorted(trials, key=lambda t: t["start"]):
+        by_worker.setdefault(t["pid"], []).append(t)
+    # a worker's first trial also pays the process's imports, data load and MLflow store set-up
+    outside = [[t["end"] - t["start"] - t["train_seconds"] for t in ts] for ts in by_worker.values()]
+    later = [o for os_ in outside for o in os_[1:]]
+    in_trial = statistics.median(later) if later else statistics.median(o[0] for o in outside)
     end = max(t["end"] for t in trials)
     return {
         "trials": len(trials), "cores": cores, "wall": wall, "train_seconds": train,
@@ -316,9 +320,10 @@ def bench_sweep(spec: dict[str, Any], root: Path) -> dict[str, Any]:
         "cli_start": cli_start, "prepare": marks["prepared"] - marks["start"],
         "ray_start": marks["ray_started"] - marks["prepared"],
         "first_trial_start": min(t["start"] for t in trials) - marks["ray_started"],
-        "tail": end - min(last_per_worker.values()), "after_last_trial": marks["shut_down"] - end,
-        "trial_wall": sum(t["end"] - t["start"] for t in trials),
-        "workers": len(last_per_worker),
+        "first_trial_extra": statistics.median(o[0] for o in outside) - in_trial,
+        "in_trial_overhead": in_trial,  # trial wall not spent training: evaluation, checkpoints, MLflow
+        "tail": end - min(ts[-1]["end"] for ts in by_worker.values()), "after_last_trial": marks["shut_down"] - end,
+        "workers": len(by_worker),
     }
 
 
@@ -364,29 +369,37 @@ def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def report(results: dict[str, Any]) -> None:
-    for name, r in results["trainer"].items():
+def report_trainer(trainer: dict[str, Any]) -> None:
+    for name, r in trainer.items():
         sps = r["samples_per_s"]
         print(f"trainer overhead {name}: plain {sps['plain']:.0f} samples/s, clgrid {sps['clgrid']:.0f} samples/s "
               f"(x{r['overhead']:.3f}), clgrid instrumented {sps['instrumented']:.0f} samples/s "
               f"(x{r['overhead_instrumented']:.3f}); same accuracy matrix: {'yes' if r['same_matrix'] else 'NO'}")
-    s = results["sweep"]
+    print("evaluation share: " + ", ".join(f"{n} {r['eval_share']:.1%}" for n, r in trainer.items())
+          + " of an instrumented trial's time")
+    print("instrumentation cost: " + ", ".join(f"{n} x{r['instrumentation']:.3f}" for n, r in trainer.items())
+          + " (FLOP counting, checkpoints, Arrow replay commits, MLflow logging: on vs off)", flush=True)
+
+
+def report_sweep(s: dict[str, Any]) -> None:
     print(f"sweep efficiency: {s['trials']} trials, {s['train_seconds']:.1f} train s summed / ({s['wall']:.1f} s wall "
           f"x {s['cores']} cores) = {s['efficiency']:.2f}; per-trial overhead {s['overhead_per_trial']:.2f} s")
-    print(f"  sweep phases: prepare {s['prepare']:.1f} s, "
-          f"Ray start {s['ray_start']:.1f} s, first trial starts {s['first_trial_start']:.1f} s later, "
-          f"one core idle for the last {s['tail']:.1f} s, exit {s['after_last_trial']:.1f} s after the last trial; "
-          f"CLI start-up (clgrid validate quickstart) {s['cli_start']:.1f} s")
-    print("evaluation share: " + ", ".join(f"{n} {r['eval_share']:.1%}" for n, r in results["trainer"].items())
-          + " of an instrumented trial's time")
-    print("instrumentation cost: " + ", ".join(f"{n} x{r['instrumentation']:.3f}" for n, r in results["trainer"].items())
-          + " (FLOP counting, checkpoints, Arrow replay commits, MLflow logging: on vs off)")
-    sc = results["scaling"]
-    per_t = ", ".join(f"T={r['T']} {r['seconds']:.1f} s (eval {r['eval_seconds'] / r['seconds']:.0%})" for r in sc["experiences"])
+    print(f"  sweep phases: prepare {s['prepare']:.1f} s, Ray start {s['ray_start']:.1f} s, first trial starts "
+          f"{s['first_trial_start']:.1f} s later and takes {s['first_trial_extra']:.1f} s more than later ones "
+          f"(imports, data, MLflow store), each trial {s['in_trial_overhead']:.2f} s outside training "
+          f"(evaluation, checkpoints, MLflow), one core idle for the last {s['tail']:.1f} s, exit "
+          f"{s['after_last_trial']:.1f} s after the last trial; CLI start-up (clgrid validate quickstart) "
+          f"{s['cli_start']:.1f} s", flush=True)
+
+
+def report_scaling(sc: dict[str, Any]) -> None:
+    per_t = ", ".join(f"T={r['T']} {r['seconds']:.1f} s (eval {r['eval_seconds'] / r['seconds']:.0%})"
+                      for r in sc["experiences"])
     print(f"scaling with experiences: {per_t}; fit {sc['fit']['a']:.3f} s*T + {sc['fit']['c']:.4f} s*T^2; "
           f"growth exponent {sc['exponent']:.2f} over the last doubling")
     print("scaling with memory size: " + ", ".join(
-        f"buffer {m['buffer_size']} {m['seconds']:.1f} s, {m['replay_bytes'] / 1e6:.1f} MB" for m in sc["memory"]))
+        f"buffer {m['buffer_size']} {m['seconds']:.1f} s, {m['replay_bytes'] / 1e6:.1f} MB" for m in sc["memory"]),
+        flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -406,11 +419,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="clgrid-bench-") as tmp:
         root = Path(tmp)
         results["trainer"] = bench_trainer(spec, reps, root)
+        report_trainer(results["trainer"])
         sweep_spec = {**spec, "strategies": [{"name": "naive"}], "seeds": [0, 1]} if args.quick else spec
         results["sweep"] = bench_sweep(sweep_spec, root)
+        report_sweep(results["sweep"])
         results["scaling"] = bench_scaling(spec, args, root)
+        report_scaling(results["scaling"])
     results["load_end"] = load()
-    report(results)
     print(f"load average {results['load_end']} (1/5/15 min) at the end", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
