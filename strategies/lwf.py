@@ -2,7 +2,8 @@
 
 Before each experience the model is frozen as a teacher; training adds alpha * T^2 * KL(teacher || student)
 on the new samples' temperature-softened scores over the earlier experiences' classes. Task-IL
-distills every earlier task's head: both networks score the batch as if it came from that task.
+distills every earlier task's head (one term per head, summed): both networks score the batch as if
+it came from that task.
 """
 
 import copy
