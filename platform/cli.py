@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="the platform's cost against a plain torch loop, as ratios "
                                      "(tests/benchmarks/bench_platform.py; minutes)")
     p.add_argument("--quick", action="store_true", help="tiny workloads: digits, a few steps, a 2-trial sweep")
-    p.add_argument("--reps", type=int, help="repetitions of each trainer comparison (default 3)")
+    p.add_argument("--reps", type=int, help="repetitions of each trainer comparison (default 5)")
     p.add_argument("--epochs", type=int, help="epochs per experience (default: the quickstart's)")
     p.add_argument("--out", help="also write the results as JSON here")
     p.set_defaults(func=cmd_bench)

@@ -227,6 +227,7 @@ def bench_trainer(spec: dict[str, Any], reps: int, root: Path) -> dict[str, Any]
         logged.run_trial(warm, root / f"warm-{name}", logged.new_run())
 
         times: dict[str, list[float]] = {"plain": [], "clgrid": [], "instrumented": []}
+        cpu: dict[str, list[float]] = {k: [] for k in times}  # process CPU seconds: other processes' load barely moves them
         evals, R = [], {}
         for r in range(reps):
             run_dir, run_id = root / f"{name}-{r}", logged.new_run()
@@ -245,16 +246,20 @@ def bench_trainer(spec: dict[str, Any], reps: int, root: Path) -> dict[str, Any]
 
             variants = [("plain", plain), ("clgrid", bare), ("instrumented", instrumented)]
             for label, fn in variants[r % 3:] + variants[:r % 3]:  # rotate the order per repetition
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
                 times[label].append(time.perf_counter() - start)
+                cpu[label].append(time.process_time() - start_cpu)
         samples = R["samples"]
-        ratio = {k: statistics.median(t / p for t, p in zip(times[k], times["plain"])) for k in ("clgrid", "instrumented")}
+        def ratio(of: dict[str, list[float]], a: str, b: str) -> float:
+            return statistics.median(x / y for x, y in zip(of[a], of[b]))
+
         out[name] = {
             "samples": samples, "seconds": {k: statistics.median(v) for k, v in times.items()},
             "samples_per_s": {k: samples / statistics.median(v) for k, v in times.items()},
-            "overhead": ratio["clgrid"], "overhead_instrumented": ratio["instrumented"],
-            "instrumentation": statistics.median(i / c for i, c in zip(times["instrumented"], times["clgrid"])),
+            "overhead": ratio(times, "clgrid", "plain"), "overhead_cpu": ratio(cpu, "clgrid", "plain"),
+            "overhead_instrumented": ratio(times, "instrumented", "plain"),
+            "instrumentation": ratio(times, "instrumented", "clgrid"),
             "eval_share": statistics.median(e / t for e, t in zip(evals, times["instrumented"])),
             "same_matrix": R["plain"] == R["clgrid"] and samples == R["clgrid_samples"],
         }
@@ -289,12 +294,16 @@ def sweep_child(spec_json: str) -> None:
     print(json.dumps({"marks": marks, "trials": trials}))
 
 
-def bench_sweep(spec: dict[str, Any], root: Path) -> dict[str, Any]:
-    start = time.perf_counter()  # what every command costs before it does anything: imports, spec
+def cli_start() -> float:
+    """Seconds of `clgrid validate quickstart`: what every command costs before it does anything."""
+    start = time.perf_counter()
     subprocess.run([str(Path(sys.executable).with_name("clgrid")), "validate", "quickstart"], check=True,
                    capture_output=True)
-    cli_start = time.perf_counter() - start
-    spec = {**spec, "storage": {"root": str(root / "sweep")}, "resources": {"cpus_per_trial": 1}}
+    return time.perf_counter() - start
+
+
+def bench_sweep(spec: dict[str, Any], root: Path) -> dict[str, Any]:
+    spec = {**spec, "storage": {"root": str(root)}, "resources": {"cpus_per_trial": 1}}
     proc = subprocess.run([sys.executable, __file__, "--sweep-child", json.dumps(spec)],
                           capture_output=True, text=True, timeout=7200)
     if proc.returncode:
@@ -317,7 +326,7 @@ def bench_sweep(spec: dict[str, Any], root: Path) -> dict[str, Any]:
     return {
         "trials": len(trials), "cores": cores, "wall": wall, "train_seconds": train,
         "efficiency": train / (wall * cores), "overhead_per_trial": (wall * cores - train) / len(trials),
-        "cli_start": cli_start, "prepare": marks["prepared"] - marks["start"],
+        "prepare": marks["prepared"] - marks["start"], "epochs": spec["train"].get("epochs"),
         "ray_start": marks["ray_started"] - marks["prepared"],
         "first_trial_start": min(t["start"] for t in trials) - marks["ray_started"],
         "first_trial_extra": statistics.median(o[0] for o in outside) - in_trial,
@@ -373,7 +382,7 @@ def report_trainer(trainer: dict[str, Any]) -> None:
     for name, r in trainer.items():
         sps = r["samples_per_s"]
         print(f"trainer overhead {name}: plain {sps['plain']:.0f} samples/s, clgrid {sps['clgrid']:.0f} samples/s "
-              f"(x{r['overhead']:.3f}), clgrid instrumented {sps['instrumented']:.0f} samples/s "
+              f"(x{r['overhead']:.3f}; CPU time x{r['overhead_cpu']:.3f}), clgrid instrumented {sps['instrumented']:.0f} samples/s "
               f"(x{r['overhead_instrumented']:.3f}); same accuracy matrix: {'yes' if r['same_matrix'] else 'NO'}")
     print("evaluation share: " + ", ".join(f"{n} {r['eval_share']:.1%}" for n, r in trainer.items())
           + " of an instrumented trial's time")
@@ -382,14 +391,15 @@ def report_trainer(trainer: dict[str, Any]) -> None:
 
 
 def report_sweep(s: dict[str, Any]) -> None:
-    print(f"sweep efficiency: {s['trials']} trials, {s['train_seconds']:.1f} train s summed / ({s['wall']:.1f} s wall "
-          f"x {s['cores']} cores) = {s['efficiency']:.2f}; per-trial overhead {s['overhead_per_trial']:.2f} s")
+    epochs = f"{s['epochs']} epochs per experience, " if s["epochs"] else ""
+    print(f"sweep efficiency: {s['trials']} trials ({epochs}1 CPU each), {s['train_seconds']:.1f} train s summed / "
+          f"({s['wall']:.1f} s wall x {s['cores']} cores) = {s['efficiency']:.2f}; per-trial overhead "
+          f"{s['overhead_per_trial']:.2f} s")
     print(f"  sweep phases: prepare {s['prepare']:.1f} s, Ray start {s['ray_start']:.1f} s, first trial starts "
           f"{s['first_trial_start']:.1f} s later and takes {s['first_trial_extra']:.1f} s more than later ones "
           f"(imports, data, MLflow store), each trial {s['in_trial_overhead']:.2f} s outside training "
           f"(evaluation, checkpoints, MLflow), one core idle for the last {s['tail']:.1f} s, exit "
-          f"{s['after_last_trial']:.1f} s after the last trial; CLI start-up (clgrid validate quickstart) "
-          f"{s['cli_start']:.1f} s", flush=True)
+          f"{s['after_last_trial']:.1f} s after the last trial", flush=True)
 
 
 def report_scaling(sc: dict[str, Any]) -> None:
@@ -405,14 +415,14 @@ def report_scaling(sc: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny workloads (digits, a few steps, a 2-trial sweep)")
-    parser.add_argument("--reps", type=int, help="repetitions of each trainer comparison (default 3, quick 1)")
+    parser.add_argument("--reps", type=int, help="repetitions of each trainer comparison (default 5, quick 1)")
     parser.add_argument("--epochs", type=int, help="epochs per experience (default: the quickstart's)")
     parser.add_argument("--out", help="also write the results as JSON here")
     parser.add_argument("--sweep-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sweep_child:
         return sweep_child(args.sweep_child)
-    reps = args.reps or (1 if args.quick else 3)
+    reps = args.reps or (1 if args.quick else 5)
     spec = quickstart_dict(args)
     print(f"machine: {machine()}; load average {load()} (1/5/15 min) at start", flush=True)
     results: dict[str, Any] = {"machine": machine(), "load_start": load(), "quick": args.quick, "reps": reps}
@@ -420,9 +430,15 @@ def main(argv: list[str] | None = None) -> None:
         root = Path(tmp)
         results["trainer"] = bench_trainer(spec, reps, root)
         report_trainer(results["trainer"])
+        results["cli_start"] = cli_start()
+        print(f"CLI start-up: clgrid validate quickstart takes {results['cli_start']:.1f} s", flush=True)
         sweep_spec = {**spec, "strategies": [{"name": "naive"}], "seeds": [0, 1]} if args.quick else spec
-        results["sweep"] = bench_sweep(sweep_spec, root)
+        results["sweep"] = bench_sweep(sweep_spec, root / "sweep")
         report_sweep(results["sweep"])
+        if not args.quick:  # the same grid with 4x longer trials: the start-up cost amortised
+            longer = {**spec, "train": {**spec["train"], "epochs": 4 * spec["train"]["epochs"]}}
+            results["sweep_longer"] = bench_sweep(longer, root / "sweep-longer")
+            report_sweep(results["sweep_longer"])
         results["scaling"] = bench_scaling(spec, args, root)
         report_scaling(results["scaling"])
     results["load_end"] = load()
