@@ -251,8 +251,10 @@ def bench_trainer(spec: dict[str, Any], reps: int, root: Path) -> dict[str, Any]
                 times[label].append(time.perf_counter() - start)
                 cpu[label].append(time.process_time() - start_cpu)
         samples = R["samples"]
-        def ratio(of: dict[str, list[float]], a: str, b: str) -> float:
-            return statistics.median(x / y for x, y in zip(of[a], of[b]))
+        def ratio(of: dict[str, list[float]], a: str, b: str) -> list[float]:
+            """Median, lowest and highest of the per-repetition ratios a/b."""
+            each = [x / y for x, y in zip(of[a], of[b])]
+            return [statistics.median(each), min(each), max(each)]
 
         out[name] = {
             "samples": samples, "seconds": {k: statistics.median(v) for k, v in times.items()},
@@ -378,15 +380,22 @@ def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def _x(ratio: list[float]) -> str:
+    median, low, high = ratio
+    return f"x{median:.3f} [{low:.2f}-{high:.2f}]"
+
+
 def report_trainer(trainer: dict[str, Any]) -> None:
+    """Ratios: median of the repetitions [lowest-highest]."""
     for name, r in trainer.items():
         sps = r["samples_per_s"]
         print(f"trainer overhead {name}: plain {sps['plain']:.0f} samples/s, clgrid {sps['clgrid']:.0f} samples/s "
-              f"(x{r['overhead']:.3f}; CPU time x{r['overhead_cpu']:.3f}), clgrid instrumented {sps['instrumented']:.0f} samples/s "
-              f"(x{r['overhead_instrumented']:.3f}); same accuracy matrix: {'yes' if r['same_matrix'] else 'NO'}")
+              f"({_x(r['overhead'])}; CPU time {_x(r['overhead_cpu'])}), clgrid instrumented "
+              f"{sps['instrumented']:.0f} samples/s ({_x(r['overhead_instrumented'])}); "
+              f"same accuracy matrix: {'yes' if r['same_matrix'] else 'NO'}")
     print("evaluation share: " + ", ".join(f"{n} {r['eval_share']:.1%}" for n, r in trainer.items())
           + " of an instrumented trial's time")
-    print("instrumentation cost: " + ", ".join(f"{n} x{r['instrumentation']:.3f}" for n, r in trainer.items())
+    print("instrumentation cost: " + ", ".join(f"{n} {_x(r['instrumentation'])}" for n, r in trainer.items())
           + " (FLOP counting, checkpoints, Arrow replay commits, MLflow logging: on vs off)", flush=True)
 
 
