@@ -13,6 +13,8 @@ import re
 import pytest
 import yaml
 
+from clgrid.sweep import check_storage
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in {".yaml", ".yml"})
@@ -185,6 +187,18 @@ def test_cluster_start_commands(cluster):
     assert re.search(r"\bray start\b[^;&|]*--address[= ]\$RAY_HEAD_IP:\d+", workers)
 
 
+def test_cluster_nodes_share_the_storage_root(cluster):
+    # the README's `--storage` for this cluster must be a path clgrid accepts, mounted on every
+    # node's host by initialization_commands and bound into the container at the same place
+    storage = re.search(r"--storage (\S+)", (INFRA / "ray" / "cluster.yaml").read_text()).group(1)
+    check_storage(storage)
+    binds = [o.split()[1].split(":") for o in cluster["docker"]["run_options"] if o.startswith("--volume")]
+    shared = [host for host, inside in binds if host == inside and storage.startswith(host.rstrip("/") + "/")]
+    assert shared, f"--storage {storage} is not under a folder bound into the container"
+    init = " ; ".join(cluster["initialization_commands"])
+    assert re.search(rf"mount -t nfs4?\b[^;]*\s{re.escape(shared[0])}\b", init), "the shared folder is an NFS mount"
+
+
 def test_cluster_commands_never_run_from_a_repo_checkout(cluster):
     from ray.autoscaler._private.util import prepare_config
 
@@ -354,7 +368,19 @@ def check_cluster_spec(spec: dict) -> None:
             ref = ref.get("configMapKeyRef") or ref["secretKeyRef"]
             if "configMapKeyRef" in env[var]["valueFrom"]:
                 assert ref["key"] in configmaps[ref["name"]], f"{var}: {ref} not in infra/kuberay/config.yaml"
-        assert any("secretRef" in e for e in ray.get("envFrom", [])), "S3 credentials via envFrom secretRef"
+        storage = configmaps["clgrid-config"]["CLGRID_STORAGE"]
+        check_storage(storage)  # the same refusal clgrid run applies: a path, not a URI
+        mounts = {m["name"]: m["mountPath"] for m in ray.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        shared = [n for n, path in mounts.items() if storage == path or storage.startswith(path.rstrip("/") + "/")]
+        assert shared, f"{ray['name']}: CLGRID_STORAGE {storage} is on no mounted volume"
+        claim = volumes[shared[0]]["persistentVolumeClaim"]["claimName"]
+        assert "ReadWriteMany" in _claims()[claim]["spec"]["accessModes"], f"{claim}: every node writes it"
+
+
+def _claims() -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in load_docs(INFRA / "kuberay" / "config.yaml")
+            if d["kind"] == "PersistentVolumeClaim"}
 
 
 def test_raycluster_head_and_gpu_worker_group():
