@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import runpy
 from pathlib import Path
 
@@ -346,6 +347,9 @@ def test_inspect_reports_shards_counts_and_damage(tmp_path):
 
 
 def test_benchmark_script_prints_the_ratio(capsys):
-    runpy.run_path(str(BENCH), run_name="bench")["main"](["--samples", "300", "--batch", "16", "--iters", "20"])
+    runpy.run_path(str(BENCH), run_name="bench")["main"](
+        ["--samples", "300", "--batch", "16", "--iters", "20", "--trials", "1"])
     out = capsys.readouterr().out
     assert "ratio arrow/tensor:" in out and "x (target <= 1.2x)" in out
+    assert re.search(r"ratio arrow/memory per trial: [\d.]+x wall, [\d.]+x CPU \(target <= 1.1x\); "
+                     r"same accuracy matrix: yes", out)

@@ -1,10 +1,16 @@
-"""Time per replay batch: the Arrow shard store against TensorMemory, measured in one run.
+"""The Arrow shard store against TensorMemory, measured in one run: per replay batch, and per trial.
 
     python tests/benchmarks/bench_replay.py [--samples 10000] [--batch 128] [--iters 500] [--threads 1]
+                                            [--trials 3]
 
-Samples are MNIST-sized (1x28x28 float32). Also prints what a commit and a verifying open cost.
-The ratio line compares a freshly committed store (the state right after each experience); the line
-before it, a store with a tenth of its slots changed since its last commit (the state during training).
+Per batch: MNIST-sized samples (1x28x28 float32). Also prints what a commit and a verifying open
+cost. The ratio line compares a freshly committed store (the state right after each experience);
+the line before it, a store with a tenth of its slots changed since its last commit (the state
+during training).
+
+Per trial: the quickstart's replay trial (split-mnist5k class-IL, buffer 200, seed 0), fully
+instrumented (checkpoints, FLOP counting), with ``storage.replay: arrow`` against ``memory``,
+alternating, ``--trials`` times each; the two must give the same accuracy matrix.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ import argparse
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from clgrid.replay.arrow_store import ArrowReplayStore
 from clgrid.replay.memory import TensorMemory
+from clgrid.spec import PipelineSpec, expand, load_spec
+from clgrid.trainer import run_trial
 
 
 def per_batch(memories: dict, batch: int, iters: int, rounds: int = 5) -> dict[str, float]:
@@ -45,11 +54,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=500)
     # one thread by default: on a shared few-core machine OpenMP spin-waits make both sides noisy
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=3, help="end-to-end trials per backend (0: skip)")
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
         report(args.samples, args.batch, args.iters, args.threads)
+        if args.trials:
+            report_trial(args.trials)
     finally:
         torch.set_num_threads(threads)  # main() also runs inside the test process
 
@@ -91,6 +103,33 @@ def report(n: int, batch: int, iters: int, threads: int) -> None:
     print(f"ArrowReplayStore.sample, 10% changed since commit: {t['changing'] * 1e6:8.1f} us CPU/batch "
           f"({t['changing'] / t['tensor']:.2f}x)")
     print(f"ratio arrow/tensor: {t['arrow'] / t['tensor']:.2f}x (target <= 1.2x)")
+
+
+def report_trial(reps: int) -> None:
+    spec = load_spec("quickstart").model_dump(mode="json")
+    spec.update(strategies=[{"name": "replay", "buffer_size": 200}], seeds=[0])
+    trials = {backend: expand(PipelineSpec.model_validate({**spec, "storage": {"replay": backend}}))[0]
+              for backend in ("arrow", "memory")}
+    wall: dict[str, list[float]] = {b: [] for b in trials}
+    cpu: dict[str, list[float]] = {b: [] for b in trials}
+    matrices = {}
+    with tempfile.TemporaryDirectory() as root:
+        run_trial(trials["memory"], Path(root) / "warm")  # data load and first-step imports, once
+        for r in range(reps):
+            order = list(trials) if r % 2 == 0 else list(trials)[::-1]
+            for backend in order:
+                start, start_cpu = time.perf_counter(), time.process_time()
+                result = run_trial(trials[backend], Path(root) / f"{backend}-{r}")
+                wall[backend].append(time.perf_counter() - start)
+                cpu[backend].append(time.process_time() - start_cpu)
+                matrices[backend] = result.R
+    med = {b: (statistics.median(wall[b]), statistics.median(cpu[b])) for b in trials}
+    print(f"replay trial (quickstart settings, buffer 200, {reps} runs each, median): "
+          f"memory {med['memory'][0]:.2f} s wall / {med['memory'][1]:.2f} s CPU, "
+          f"arrow {med['arrow'][0]:.2f} s wall / {med['arrow'][1]:.2f} s CPU")
+    print(f"ratio arrow/memory per trial: {med['arrow'][0] / med['memory'][0]:.3f}x wall, "
+          f"{med['arrow'][1] / med['memory'][1]:.3f}x CPU (target <= 1.1x); "
+          f"same accuracy matrix: {'yes' if matrices['arrow'] == matrices['memory'] else 'NO'}")
 
 
 if __name__ == "__main__":
