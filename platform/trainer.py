@@ -262,7 +262,7 @@ class Trainer:
             peak_memory_bytes=peak_memory_bytes(self.device),
             replay_bytes=self.ctx.replay.nbytes(),
             model_bytes=module_bytes(self.ctx.model),
-            strategy_state_bytes=tensor_bytes(self.strategy.state_dict()),
+            strategy_state_bytes=tensor_bytes(self.strategy.state_dict()) + self.strategy.retained_data_bytes(self.ctx),
         )
 
     def _state(self, R: list[list[float]], b: list[float], history: list[ExperienceReport]) -> dict[str, Any]:

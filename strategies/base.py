@@ -157,6 +157,11 @@ class Strategy:
         """Everything this strategy needs to resume after an experience: tensors, numbers, strings."""
         return {}
 
+    def retained_data_bytes(self, ctx: Context) -> int:
+        """Bytes of training samples kept outside the replay memory, read after each experience for
+        ``strategy_state_bytes``: a strategy that trains on past data must pay for storing it."""
+        return 0
+
     def load_state_dict(self, state: dict[str, Any], ctx: Context) -> None:
         """Restores ``state_dict()``; fires before the model's own weights are loaded, so a strategy
         that changed the architecture rebuilds ``ctx.model`` here first."""

@@ -21,6 +21,9 @@ class JointConfig(StrategyConfig):
 class Joint(Strategy):
     Config = JointConfig
 
+    def retained_data_bytes(self, ctx: Context) -> int:
+        return sum(e.x.nbytes + e.y.nbytes for e in ctx.seen)  # it keeps every experience seen
+
     def train_batch(self, batch: Batch, ctx: Context) -> None:
         return None  # trained on the union in after_experience
 

@@ -59,3 +59,12 @@ def test_without_instrumentation_nothing_is_written(tmp_path: Path) -> None:
     assert len(result.R) == 2
     assert result.costs["train_flops"] == 0
     assert not (tmp_path / "t").exists()
+
+
+def test_joint_pays_for_the_data_it_keeps(tmp_path: Path) -> None:
+    # joint trains on every experience seen: its storage cost grows by each experience's samples
+    trainer = Trainer(tiny_trial({"name": "joint"}), tmp_path)
+    result = trainer.run()
+    kept = [e.x.nbytes + e.y.nbytes for e in trainer.stream.train]
+    assert [h.costs["strategy_state_bytes"] for h in result.history] == [kept[0], kept[0] + kept[1]]
+    assert run_trial(tiny_trial({"name": "naive"}), tmp_path / "naive").costs["strategy_state_bytes"] == 0
