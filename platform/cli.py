@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="attach to a running Ray cluster (ray://HOST:10001, HOST:6379 or 'auto')")
     p.set_defaults(func=cmd_resume)
 
+    p = sub.add_parser("sync", help="upload to the tracking server what it missed while it was away (from the "
+                                     "sweep's trial folders); idempotent")
+    p.add_argument("target", help="a sweep folder (with sweep.json), or a spec: its newest sweep in the storage root")
+    p.add_argument("--tracking-uri", help="upload there (default: the sweep's; with a spec: the --tracking-uri it ran with)")
+    p.add_argument("--storage", help="with a spec: the --storage it ran with")
+    p.set_defaults(func=cmd_sync)
+
     p = sub.add_parser("reap", help="mark runs left RUNNING by dead sweeps (driver killed) as KILLED")
     p.add_argument("target", help="an MLflow experiment name, a spec file or a bundled pipeline name")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the spec's, or SQLite in ./clgrid-runs)")
@@ -135,7 +142,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     sweep_dir = sweep.prepare(spec)
     outcome = sweep.run(sweep_dir, address=args.address)
     print_summary(outcome)
-    if not args.no_report:
+    if outcome.unsynced and not args.no_report:
+        print("Report skipped: the runs miss what clgrid sync will upload; then: clgrid report " + args.spec)
+    elif not args.no_report:
         _write_report(spec.experiment, outcome.tracking_uri, Path(spec.storage.root), None, spec, outcome.sweep_id)
     return 1 if outcome.failed else 0
 
@@ -172,14 +181,20 @@ def _job_exit(job_id: str, status: str) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
+def _find_sweep(args: argparse.Namespace) -> Path:
+    """``args.target``: a sweep folder, or a spec whose newest sweep is wanted."""
+    from clgrid import sweep
+
+    if Path(args.target).is_dir():
+        return sweep.sweep_dir_of(Path(args.target))
+    return sweep.find_sweep(_load(argparse.Namespace(spec=args.target, storage=args.storage,
+                                                     tracking_uri=args.tracking_uri)))
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     from clgrid import liveness, sweep
 
-    if Path(args.target).is_dir():
-        sweep_dir = sweep.sweep_dir_of(Path(args.target))
-    else:
-        sweep_dir = sweep.find_sweep(_load(argparse.Namespace(spec=args.target, storage=args.storage,
-                                                              tracking_uri=args.tracking_uri)))
+    sweep_dir = _find_sweep(args)
     meta = sweep.read_meta(sweep_dir)
     liveness.ensure_not_running(meta["tracking_uri"], meta["parent_run_id"], meta["sweep_id"])
     done = sweep.finished_trials(sweep_dir)
@@ -188,6 +203,22 @@ def cmd_resume(args: argparse.Namespace) -> int:
     outcome = sweep.run(sweep_dir, address=args.address, max_concurrent=args.max_concurrent)
     print_summary(outcome)
     return 1 if outcome.failed else 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from clgrid import sweep, sync, tracking
+
+    sweep_dir = _find_sweep(args)
+    meta = sweep.read_meta(sweep_dir)
+    uri = args.tracking_uri or meta["tracking_uri"]
+    tracking.check_reachable(uri)
+    done = sync.sync_sweep(sweep_dir, uri)
+    if not done.folders:
+        print(f"sweep {meta['sweep_id']}: nothing to upload; {uri} has everything its folders hold")
+    else:
+        print(f"sweep {meta['sweep_id']}: uploaded {done.points} metric values, {done.artifacts} artifacts and "
+              f"{done.statuses} run statuses from {done.folders} folder(s) to {uri}")
+    return 0
 
 
 def cmd_reap(args: argparse.Namespace) -> int:
@@ -286,6 +317,9 @@ def print_summary(outcome) -> None:
     console.print(table)
     for t in outcome.failed:
         console.print(f"[red]failed[/red]: {t.trial.label} (MLflow run {t.run_id}); see {outcome.sweep_dir / 'ray'}")
+    if outcome.unsynced:
+        print(f"The tracking server did not get everything: {len(outcome.unsynced)} folder(s) keep the rest "
+              f"(unsynced.json). Once it answers, run:  clgrid sync {outcome.sweep_dir}", flush=True)
     console.print(f"Open the runs in the MLflow UI:  mlflow ui --backend-store-uri {outcome.tracking_uri}"
                   if not outcome.tracking_uri.startswith("http") else f"Runs are at {outcome.tracking_uri}")
 

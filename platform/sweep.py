@@ -2,7 +2,8 @@
 
 A sweep lives in ``<storage>/sweeps/<sweep_id>/``: ``sweep.json`` (the spec, the trials and their
 MLflow run ids, written before any trial starts) and one folder per trial (checkpoints after every
-experience, ``attempts.log`` with one line per trainer start, ``result.json`` once finished).
+experience, ``attempts.log`` with one line per trainer start, ``result.json`` once finished, and
+``unsynced.json`` while the tracking server lacks some of it: see ``clgrid.outbox``).
 Resuming a sweep runs the same trials again: a trial with ``result.json`` returns it at once, the
 others continue from their last checkpoint, each in its own MLflow run (never a duplicate).
 
@@ -18,15 +19,16 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from clgrid import checkpoint, liveness, tracking
+from clgrid import checkpoint, liveness, outbox, tracking
 from clgrid.errors import UsageError
 from clgrid.spec import PipelineSpec, TrialSpec, expand
+from clgrid.trial_logger import TrialLogger
 
 RESULT = "result.json"
 FAULT_ENV = "CLGRID_FAULT_ONCE"  # test hook: see _inject_fault
@@ -48,6 +50,7 @@ class SweepOutcome:
     tracking_uri: str
     parent_run_id: str
     trials: list[TrialOutcome]
+    unsynced: list[Path] = field(default_factory=list)  # folders with what the tracking server missed
 
     @property
     def failed(self) -> list[TrialOutcome]:
@@ -119,17 +122,15 @@ def _trainable(point: dict[str, Any]) -> None:
     config = point["cfg"]
     trial = TrialSpec.model_validate(config["trial"])
     uri, run_id, trial_dir = config["tracking_uri"], config["run_id"], Path(config["trial_dir"])
+    log = TrialLogger(uri, run_id, trial_dir, config["retry_seconds"])
     if (trial_dir / RESULT).exists():  # finished in an earlier attempt or an earlier run of the sweep
-        if tracking.run_status(uri, run_id) != "FINISHED":  # killed between result.json and end_run
-            tracking.end_run(uri, run_id, "FINISHED")
+        log.finished_earlier()
         tune.report(checkpoint.read_json(trial_dir / RESULT)["metrics"])
         return
-    tracking.with_retries(lambda: tracking.client(uri).update_run(run_id, "RUNNING"))
-    done = tracking.logged_steps(uri, run_id)
+    log.start()
 
     def on_experience(report: trainer.ExperienceReport) -> None:
-        if report.experience not in done:
-            tracking.log_experience(uri, run_id, report.experience, report.row, report.metrics, report.costs)
+        log.experience(**vars(report))
         tune.report({"experience": report.experience, **report.metrics, **report.costs})
         _inject_fault(trial.trial_key, report.experience)
 
@@ -137,11 +138,11 @@ def _trainable(point: dict[str, Any]) -> None:
     try:
         result = trainer.run_trial(trial, trial_dir, on_experience=on_experience)
     except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
+        log.end("FAILED")
         raise
-    tracking.log_matrix(uri, run_id, result.R, result.b, trial_dir / "artifacts")
+    log.matrix(result.R, result.b)
     checkpoint.write_json(trial_dir / RESULT, {"metrics": {**result.metrics, **result.costs}, "R": result.R, "b": result.b})
-    tracking.end_run(uri, run_id, "FINISHED")
+    log.end("FINISHED")
 
 
 def _mark_attempt(trial_dir: Path) -> None:
@@ -218,8 +219,9 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
     spec = PipelineSpec.model_validate(meta["spec"])
     uri, parent = meta["tracking_uri"], meta["parent_run_id"]
     res = spec.resources
+    seconds = tracking.retry_seconds()  # the driver's setting, also on cluster nodes
     configs = [{
-        "trial": t["trial"], "run_id": t["run_id"], "tracking_uri": uri,
+        "trial": t["trial"], "run_id": t["run_id"], "tracking_uri": uri, "retry_seconds": seconds,
         "trial_dir": str(sweep_dir / TrialSpec.model_validate(t["trial"]).trial_key),
     } for t in meta["trials"]]
     connect(address)
@@ -238,6 +240,9 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
         ),
     )
     tracking.with_retries(lambda: tracking.client(uri).update_run(parent, "RUNNING"))  # a resumed sweep
+    ended = outbox.Outbox.open(sweep_dir, parent)
+    ended.status = None  # an earlier driver's end that the server missed: this driver will end the run
+    ended.save()
     with liveness.Heartbeat(uri, parent):
         tuner.fit()
     outcomes = []
@@ -245,11 +250,28 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
         trial = TrialSpec.model_validate(t["trial"])
         result_path = sweep_dir / trial.trial_key / RESULT
         result = checkpoint.read_json(result_path) if result_path.exists() else None
-        if result is None and tracking.run_status(uri, t["run_id"]) == "RUNNING":
-            tracking.end_run(uri, t["run_id"], "FAILED")  # its worker died past max_failures
         outcomes.append(TrialOutcome(trial, t["run_id"], result, None if result else "failed: see Ray's error file"))
-    tracking.end_run(uri, parent, "FINISHED" if all(o.result for o in outcomes) else "FAILED")
-    return SweepOutcome(meta["sweep_id"], sweep_dir, meta["experiment"], uri, parent, outcomes)
+    _end_runs(uri, sweep_dir, parent, outcomes)
+    folders = [sweep_dir / o.trial.trial_key for o in outcomes] + [sweep_dir]
+    return SweepOutcome(meta["sweep_id"], sweep_dir, meta["experiment"], uri, parent, outcomes, outbox.pending(folders))
+
+
+def _end_runs(uri: str, sweep_dir: Path, parent: str, outcomes: list[TrialOutcome]) -> None:
+    """Ends the runs of trials whose workers died past max_failures, then the sweep's run. With the
+    tracking server away, these statuses wait in outboxes for `clgrid sync`."""
+    failed = [o for o in outcomes if o.result is None]
+    ends = [(sweep_dir / o.trial.trial_key, o.run_id, "FAILED") for o in failed]
+    ends.append((sweep_dir, parent, "FAILED" if failed else "FINISHED"))
+    try:
+        for o in failed:
+            if tracking.run_status(uri, o.run_id) == "RUNNING":
+                tracking.end_run(uri, o.run_id, "FAILED")
+        tracking.end_run(uri, parent, ends[-1][2])
+    except Exception as exc:
+        for folder, run_id, status in ends:
+            box = outbox.Outbox.open(folder, run_id)
+            box.status, box.error = status, outbox.describe(exc)
+            box.save()
 
 
 def _trial_name(trial: Any) -> str:

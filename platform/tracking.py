@@ -4,18 +4,24 @@ One experiment per pipeline, one parent run per sweep, one child run per trial. 
 created by the driver before any trial starts; their ids travel in the trial configs, so a retried
 or restored trial writes to the same run. Per-experience metrics are logged with ``step`` = the
 experience index, and a step already present is not logged again.
+
+Every call retries for ``CLGRID_TRACKING_RETRY_SECONDS`` (default 60); a trial whose tracking
+server stays away longer keeps training and leaves what it could not upload to ``clgrid sync``
+(``clgrid.trial_logger``).
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
+import os
 import random
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 import matplotlib
 
@@ -29,23 +35,49 @@ from clgrid.spec import TrialSpec  # noqa: E402
 
 T = TypeVar("T")
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+RETRY_ENV = "CLGRID_TRACKING_RETRY_SECONDS"
+RETRY_SECONDS = 60.0
+# Answers another try cannot change: fail at once instead of for the whole budget.
+PERMANENT = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
 
 
-def with_retries(fn: Callable[[], T], attempts: int = 8, base_delay: float = 0.2) -> T:
-    """Calls ``fn``, retrying with jittered exponential backoff (SQLite "database is locked" from
-    concurrent trials, a tracking server that is briefly away)."""
-    for attempt in range(attempts):
+def retry_seconds() -> float:
+    """How long one MLflow call keeps retrying: ``CLGRID_TRACKING_RETRY_SECONDS``, default 60."""
+    value = os.environ.get(RETRY_ENV, "")
+    try:
+        seconds = float(value) if value else RETRY_SECONDS
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise UsageError(f"{RETRY_ENV}={value!r}: expected a number of seconds >= 0")
+    return seconds
+
+
+def with_retries(fn: Callable[[], T], seconds: float | None = None) -> T:
+    """Calls ``fn``, retrying with jittered exponential backoff (0.2 s doubling, at most 10 s apart)
+    for up to ``seconds`` (default ``retry_seconds()``): SQLite "database is locked" from concurrent
+    trials, a tracking server that is briefly away. PERMANENT MLflow errors are raised at once."""
+    deadline = time.monotonic() + (retry_seconds() if seconds is None else seconds)
+    delay = 0.2
+    while True:
         try:
             return fn()
-        except Exception:
-            if attempt == attempts - 1:
+        except Exception as exc:
+            pause = min(delay, 10.0) * (0.5 + random.random())
+            if getattr(exc, "error_code", None) in PERMANENT or time.monotonic() + pause > deadline:
                 raise
-            time.sleep(base_delay * 2**attempt * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+            time.sleep(pause)
+            delay *= 2
 
 
 @functools.lru_cache(maxsize=4)
 def client(uri: str) -> MlflowClient:
+    # MLflow's HTTP client retries a refused connection for about 4 minutes per call (7 retries,
+    # backoff factor 2) and waits 120 s for an answer; under with_retries that multiplies into
+    # half an hour. One budget, ours, unless the user set MLflow's.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" line per ended run
     return MlflowClient(tracking_uri=uri)
 
 
@@ -131,30 +163,62 @@ def start_sweep(uri: str, exp_id: str, sweep_id: str, spec_hash: str, trials: li
     return parent.info.run_id, run_ids
 
 
-def logged_steps(uri: str, run_id: str) -> set[int]:
-    """Experiences already logged to a run (a restarted trial skips them)."""
-    return {m.step for m in with_retries(lambda: client(uri).get_metric_history(run_id, "acc"))}
+def logged_steps(uri: str, run_id: str, seconds: float | None = None) -> set[int]:
+    """Experiences already logged to a run (a restarted trial skips them). One log_batch per
+    experience writes all its metrics in one transaction, so ``acc`` stands for the rest."""
+    return metric_steps(uri, run_id, ["acc"], seconds)["acc"]
+
+
+def metric_steps(uri: str, run_id: str, keys: Iterable[str], seconds: float | None = None) -> dict[str, set[int]]:
+    """The steps each metric of a run has."""
+    c = client(uri)
+    return {k: {m.step for m in with_retries(lambda: c.get_metric_history(run_id, k), seconds)} for k in keys}
+
+
+def experience_metrics(experience: int, row: list[float], metrics: dict[str, float],
+                       costs: dict[str, float]) -> dict[str, float]:
+    """What one experience logs (step = ``experience``): the summary so far, the costs, and
+    ``acc_on_exp_j`` for the experiences seen. Takes an ExperienceReport's fields."""
+    return {**metrics, **costs, **{f"acc_on_exp_{j}": a for j, a in enumerate(row[: experience + 1])}}
 
 
 def log_experience(uri: str, run_id: str, step: int, row: list[float], summary: dict[str, float],
-                   costs: dict[str, float]) -> None:
+                   costs: dict[str, float], seconds: float | None = None) -> None:
+    log_metrics(uri, run_id, step, experience_metrics(step, row, summary, costs), seconds)
+
+
+def log_metrics(uri: str, run_id: str, step: int, values: dict[str, float], seconds: float | None = None) -> None:
     now = int(time.time() * 1000)
-    values = {**summary, **costs, **{f"acc_on_exp_{j}": a for j, a in enumerate(row[: step + 1])}}
     metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
     for i in range(0, len(metrics), MAX_BATCH):
-        with_retries(lambda: client(uri).log_batch(run_id, metrics=metrics[i:i + MAX_BATCH]))
+        with_retries(lambda: client(uri).log_batch(run_id, metrics=metrics[i:i + MAX_BATCH]), seconds)
+
+
+MATRIX_FILES = ("accuracy_matrix.json", "accuracy_matrix.png")
+
+
+def write_matrix(folder: Path, R: list[list[float]], b: list[float]) -> None:
+    """``accuracy_matrix.json`` and ``accuracy_matrix.png`` in ``folder``, each written atomically."""
+    from clgrid import checkpoint  # imports torch, which `clgrid report` (also a user of this module) does not need
+
+    checkpoint.write_json(folder / MATRIX_FILES[0], {"R": R, "b": b, "experiences": list(range(len(R)))})
+    png = io.BytesIO()
+    heatmap(R, png)
+    checkpoint.atomic_write(folder / MATRIX_FILES[1], png.getvalue())
+
+
+def upload_matrix(uri: str, run_id: str, folder: Path, seconds: float | None = None) -> None:
+    """The files of write_matrix as artifacts of the run (an upload again overwrites: no duplicates)."""
+    for name in MATRIX_FILES:
+        with_retries(lambda: client(uri).log_artifact(run_id, str(folder / name)), seconds)
 
 
 def log_matrix(uri: str, run_id: str, R: list[list[float]], b: list[float], folder: Path) -> None:
-    """``accuracy_matrix.json`` and ``accuracy_matrix.png`` as artifacts of the trial's run."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "accuracy_matrix.json").write_text(json.dumps({"R": R, "b": b, "experiences": list(range(len(R)))}))
-    heatmap(R, folder / "accuracy_matrix.png")
-    for name in ("accuracy_matrix.json", "accuracy_matrix.png"):
-        with_retries(lambda: client(uri).log_artifact(run_id, str(folder / name)))
+    write_matrix(folder, R, b)
+    upload_matrix(uri, run_id, folder)
 
 
-def heatmap(R: list[list[float]], path: Path, title: str = "accuracy matrix") -> None:
+def heatmap(R: list[list[float]], path: Path | io.BytesIO, title: str = "accuracy matrix") -> None:
     T = len(R)
     fig, ax = plt.subplots(figsize=(1.2 + 0.6 * T, 1.0 + 0.6 * T))
     im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
@@ -167,13 +231,13 @@ def heatmap(R: list[list[float]], path: Path, title: str = "accuracy matrix") ->
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
-def end_run(uri: str, run_id: str, status: str) -> None:
-    with_retries(lambda: client(uri).set_terminated(run_id, status))
+def end_run(uri: str, run_id: str, status: str, seconds: float | None = None) -> None:
+    with_retries(lambda: client(uri).set_terminated(run_id, status), seconds)
 
 
-def run_status(uri: str, run_id: str) -> str:
-    return with_retries(lambda: client(uri).get_run(run_id)).info.status
+def run_status(uri: str, run_id: str, seconds: float | None = None) -> str:
+    return with_retries(lambda: client(uri).get_run(run_id), seconds).info.status

@@ -1,0 +1,95 @@
+"""``clgrid sync``: uploads what a sweep's tracking server missed, from the sweep's folders.
+
+For every folder with an outbox (``clgrid.outbox``), into the run created for it before the sweep
+started: the metrics of the missing experiences (from the newest checkpoint's history), only the
+(metric, step) points the run does not have, so a point the server stored before its answer was
+lost is not logged twice; then the accuracy matrix files (an upload overwrites, never duplicates);
+then the run's status, last, so FINISHED means complete. The outbox is rewritten after each item:
+an interrupted sync continues where it stopped, and a second one finds nothing to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+
+from clgrid import checkpoint, liveness, sweep, tracking
+from clgrid.errors import UsageError
+from clgrid.outbox import FILE, Outbox, describe
+from clgrid.spec import TrialSpec
+
+
+@dataclass
+class Synced:
+    folders: int = 0  # folders that had an outbox
+    points: int = 0  # metric values uploaded
+    artifacts: int = 0
+    statuses: int = 0
+
+
+def sync_sweep(sweep_dir: Path, uri: str) -> Synced:
+    meta = sweep.read_meta(sweep_dir)
+    ended = Outbox.open(sweep_dir, meta["parent_run_id"])
+    _check_sweep(uri, meta, driver_ended=ended.status is not None)
+    boxes = [Outbox.open(sweep_dir / TrialSpec.model_validate(t["trial"]).trial_key, t["run_id"]) for t in meta["trials"]]
+    done = Synced()
+    for box in [b for b in boxes + [ended] if not b.empty]:  # the sweep's own status last
+        done.folders += 1
+        try:
+            _upload(uri, box, done)
+        except UsageError:
+            raise
+        except Exception as exc:  # MLflow's, or the artifact upload's HTTP errors
+            raise UsageError(f"tracking server {uri} failed during sync ({describe(exc)}); what was uploaded is "
+                             f"kept, run clgrid sync again for the rest") from None
+    return done
+
+
+def _check_sweep(uri: str, meta: dict, driver_ended: bool) -> None:
+    """The sweep's runs are at ``uri``, and no driver is still writing to them."""
+    try:
+        parent = tracking.with_retries(lambda: tracking.client(uri).get_run(meta["parent_run_id"]))
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UsageError(f"{uri} has no run {meta['parent_run_id']} (sweep {meta['sweep_id']}); expected the "
+                         f"tracking server the sweep ran with ({meta['tracking_uri']})") from None
+    verdict = liveness.judge(parent)
+    if verdict.alive and not driver_ended:  # a sweep-level outbox status is the driver's last act
+        raise UsageError(f"sweep {meta['sweep_id']} is still running ({verdict.reason}); sync it once it ended")
+
+
+def _upload(uri: str, box: Outbox, done: Synced) -> None:
+    if box.steps:
+        history = _history(box)
+        values = {step: tracking.experience_metrics(**history[step]) for step in sorted(box.steps)}
+        have = tracking.metric_steps(uri, box.run_id, {k for v in values.values() for k in v})
+        for step, metrics in values.items():
+            missing = {k: v for k, v in metrics.items() if step not in have[k]}
+            if missing:
+                tracking.log_metrics(uri, box.run_id, step, missing)
+            done.points += len(missing)
+            box.steps.discard(step)
+            box.save()
+    if box.matrix:
+        tracking.upload_matrix(uri, box.run_id, box.folder / "artifacts")
+        done.artifacts += len(tracking.MATRIX_FILES)
+        box.matrix = False
+        box.save()
+    if box.status:
+        tracking.end_run(uri, box.run_id, box.status)
+        done.statuses += 1
+        box.status = None
+        box.save()
+
+
+def _history(box: Outbox) -> dict[int, dict]:
+    """The per-experience reports of the trial's newest checkpoint, by experience."""
+    state = checkpoint.latest(box.folder)
+    history = {h["experience"]: h for h in (state or {}).get("history", [])}
+    if not box.steps <= history.keys():
+        raise UsageError(f"{box.folder / FILE} lists experiences {sorted(box.steps - history.keys())} that no "
+                         f"checkpoint in {box.folder / 'checkpoints'} holds")
+    return history
