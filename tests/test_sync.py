@@ -207,7 +207,14 @@ def test_sync_errors_are_one_line(tmp_path, capsys):
     assert main(["sync", str(tmp_path)]) == 2
     assert "not a sweep folder" in capsys.readouterr().err
     uri = f"http://127.0.0.1:{_free_port()}"
-    (tmp_path / "sweep.json").write_text(json.dumps({"sweep_id": "s", "tracking_uri": uri}))
+    (tmp_path / "sweep.json").write_text(json.dumps({"sweep_id": "s", "tracking_uri": uri, "parent_run_id": "0" * 32,
+                                                     "trials": []}))
     assert main(["sync", str(tmp_path)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"clgrid sync: tracking server {uri} is unreachable (")
+
+    start = time.monotonic()  # a store without the sweep's runs: said at once, not retried for a minute
+    assert main(["sync", str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path}/other.db"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's lines creating the empty store
+    assert f"has no run {'0' * 32} (sweep s); expected the tracking server the sweep ran with ({uri})" in line
+    assert time.monotonic() - start < 30
