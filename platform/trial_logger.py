@@ -38,21 +38,11 @@ class TrialLogger:
             self.outbox.error = describe(exc)
             return False
 
-    def _keep(self, **missing: Any) -> None:
-        """Writes down what did not reach the server (steps are added to the ones already missing)."""
-        if "step" in missing:
-            self.outbox.steps.add(missing.pop("step"))
-        for name, value in missing.items():
-            setattr(self.outbox, name, value)
-        self.outbox.save()
-
-    def _forget(self, **uploaded: Any) -> None:
-        """Takes what reached the server out of the outbox (rewritten only when it changes)."""
-        before = (set(self.outbox.steps), self.outbox.matrix, self.outbox.status)
-        self.outbox.steps.discard(uploaded.pop("step", None))
-        for name, value in uploaded.items():
-            setattr(self.outbox, name, value)
-        if before != (self.outbox.steps, self.outbox.matrix, self.outbox.status):
+    def _update(self, **fields: Any) -> None:
+        """Sets outbox fields; the file is rewritten only when they change (never while all goes well)."""
+        if any(getattr(self.outbox, k) != v for k, v in fields.items()):
+            for k, v in fields.items():
+                setattr(self.outbox, k, v)
             self.outbox.save()
 
     def start(self) -> None:
@@ -62,27 +52,22 @@ class TrialLogger:
             self._upload(lambda: self.logged.update(tracking.logged_steps(self.uri, self.run_id, self.seconds)))
 
     def experience(self, experience: int, row: list[float], metrics: dict[str, float], costs: dict[str, float]) -> None:
-        if experience in self.logged or self._upload(lambda: tracking.log_experience(
-                self.uri, self.run_id, experience, row, metrics, costs, self.seconds)):
-            self._forget(step=experience)
-        else:
-            self._keep(step=experience)
+        uploaded = experience in self.logged or self._upload(lambda: tracking.log_experience(
+            self.uri, self.run_id, experience, row, metrics, costs, self.seconds))
+        self._update(steps=self.outbox.steps - {experience} if uploaded else self.outbox.steps | {experience})
 
     def matrix(self, R: list[list[float]], b: list[float]) -> None:
         tracking.write_matrix(self.artifacts, R, b)  # on disk first: the upload may fail, the file stays
-        if self._upload(lambda: tracking.upload_matrix(self.uri, self.run_id, self.artifacts, self.seconds)):
-            self._forget(matrix=False)
-        else:
-            self._keep(matrix=True)
+        self._update(matrix=not self._upload(lambda: tracking.upload_matrix(self.uri, self.run_id, self.artifacts,
+                                                                             self.seconds)))
 
     def end(self, status: str) -> None:
         """Ends the run; FINISHED waits in the outbox while anything else does."""
         if status == "FINISHED" and (self.outbox.steps or self.outbox.matrix):
-            self._keep(status=status)
-        elif self._upload(lambda: tracking.end_run(self.uri, self.run_id, status, self.seconds)):
-            self._forget(status=None)
+            self._update(status=status)
         else:
-            self._keep(status=status)
+            self._update(status=None if self._upload(
+                lambda: tracking.end_run(self.uri, self.run_id, status, self.seconds)) else status)
 
     def finished_earlier(self) -> None:
         """A trial whose result.json exists: its run is FINISHED, unless it was killed between
