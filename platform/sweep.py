@@ -14,6 +14,7 @@ every node sees at the same place (a shared filesystem): trials write their fold
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -21,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ray import tune
 
@@ -195,21 +196,47 @@ def _credentials_stay_out_of_runtime_envs() -> None:
     class_cache.ENV_VARS_TO_PROPAGATE = {v for v in class_cache.ENV_VARS_TO_PROPAGATE if not v.startswith("AWS_")}
 
 
+def _trainables_take_prestarted_workers() -> None:
+    """Ray Tune gives every trainable a runtime_env setting PL_DISABLE_FORK (for PyTorch Lightning,
+    which clgrid does not use); any runtime_env keeps an actor off the workers Ray prestarts."""
+    from ray.tune.execution import class_cache
+
+    class_cache.DEFAULT_ENV_VARS = {}
+
+
 def connect(address: str | None) -> None:
     """Attaches to the cluster at ``address`` or ``RAY_ADDRESS``; else starts a local Ray instance."""
     import ray
 
     if ray.is_initialized():
         return
-    env = trial_env()
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
-    # Inside a Ray job Ray refuses a driver env var that the job's runtime_env already sets.
-    env = {k: v for k, v in env.items() if k not in job.get("env_vars", {})}
-    quiet = {"log_to_driver": False, "logging_level": "ERROR", "runtime_env": {"env_vars": env}}
+    quiet = {"log_to_driver": False, "logging_level": "ERROR"}
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, **quiet)
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+        # Inside a Ray job Ray refuses a driver env var that the job's runtime_env already sets.
+        env = {k: v for k, v in trial_env().items() if k not in job.get("env_vars", {})}
+        ray.init(address=address, runtime_env={"env_vars": env}, **quiet)
     else:  # "local": never attach silently to a cluster someone started on this machine with `ray start`
-        ray.init(address="local", include_dashboard=False, configure_logging=True, **quiet)
+        # Local workers descend from the Ray processes started here and inherit their environment.
+        # Without a runtime_env trials run in the workers Ray prestarts at init; with one, Ray starts
+        # and sets up new workers first (seconds before the first trial on a small machine).
+        with _environment(trial_env()):
+            ray.init(address="local", include_dashboard=False, configure_logging=True, **quiet)
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """``env`` added to os.environ inside the block (for the processes started there), then undone."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | None = None,
@@ -226,6 +253,7 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
     } for t in meta["trials"]]
     connect(address)
     _credentials_stay_out_of_runtime_envs()
+    _trainables_take_prestarted_workers()
     tuner = tune.Tuner(
         tune.with_resources(_trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}),
         param_space={"cfg": tune.grid_search(configs)},
