@@ -145,7 +145,12 @@ class PipelineSpec(Strict):
 
     @property
     def spec_hash(self) -> str:
-        return _digest(self.model_dump(mode="json"))
+        """Hash of what the sweep computes. Where it stores and logs, how many trials run at once
+        and how often they retry do not change it, so `clgrid resume SPEC --max-concurrent 4` still
+        finds the sweep that `clgrid run SPEC --max-concurrent 2` started."""
+        operational = {"resources": {"max_concurrent", "max_failures"}, "storage": {"root"},
+                       "tracking": True, "report": True}
+        return _digest(self.model_dump(mode="json", exclude=operational))
 
 
 class TrialSpec(Strict):

@@ -229,7 +229,8 @@ def cluster():
     root = Path(tempfile.mkdtemp(prefix="clr-", dir="/tmp"))  # short: Ray's unix sockets live in it
     token = secrets.token_hex(16)
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+           "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # the MLflow server's 8 job processes: not needed
     gcs, dash, mlflow = _free_port(), _free_port(), _free_port()
 
     def ports() -> list[str]:  # two nodes on one machine: no default port may be shared

@@ -121,3 +121,14 @@ def test_unsupported_pairs_are_refused_or_skipped_when_asked() -> None:
     spec = specs.parse_spec(__import__("yaml").safe_dump({**data, "unsupported": "skip"}))
     pairs = [(t.strategy.name, t.benchmark.scenario) for t in specs.expand(spec)]
     assert pairs == [("icarl", "class-il"), ("naive", "class-il"), ("naive", "task-il")]
+
+
+def test_spec_hash_follows_what_is_computed_not_where_or_how_fast() -> None:
+    base = specs.PipelineSpec.model_validate(tiny_spec([{"name": "naive"}]))
+    operational = specs.PipelineSpec.model_validate(tiny_spec(
+        [{"name": "naive"}], resources={"max_concurrent": 4, "max_failures": 5},
+        storage={"root": "/elsewhere"}, tracking={"uri": "http://127.0.0.1:5000"}))
+    assert operational.spec_hash == base.spec_hash  # resume/sync SPEC --max-concurrent N find the sweep
+    for change in ({"seeds": [1]}, {"train": {"iterations": 7, "batch_size": 32, "lr": 0.01}},
+                   {"resources": {"cpus_per_trial": 2}}):
+        assert specs.PipelineSpec.model_validate(tiny_spec([{"name": "naive"}], **change)).spec_hash != base.spec_hash
