@@ -192,10 +192,11 @@ def _find_sweep(args: argparse.Namespace) -> Path:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from clgrid import liveness, sweep
+    from clgrid import liveness, sweep, tracking
 
     sweep_dir = _find_sweep(args)
     meta = sweep.read_meta(sweep_dir)
+    tracking.check_reachable(meta["tracking_uri"])  # one line now, not MLflow's retries later
     liveness.ensure_not_running(meta["tracking_uri"], meta["parent_run_id"], meta["sweep_id"])
     done = sweep.finished_trials(sweep_dir)
     print(f"clgrid: resuming sweep {meta['sweep_id']} ({sweep_dir}): {len(done)}/{len(meta['trials'])} trials "

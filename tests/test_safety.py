@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import pickle
 import socket
@@ -129,6 +130,12 @@ def test_unreachable_tracking_server_is_one_line_and_starts_nothing(tmp_path: Pa
 
     proc = run_clgrid("report", "some-experiment", "--tracking-uri", uri, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and f"tracking server {uri} is unreachable" in proc.stderr
+
+    sweep = tmp_path / "sweep"  # a sweep whose server is gone: resume says so before Ray starts
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"sweep_id": "s", "tracking_uri": uri, "trials": []}))
+    proc = run_clgrid("resume", str(sweep), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"clgrid resume: tracking server {uri} is unreachable")
 
 
 SECRETS = {
