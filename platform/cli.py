@@ -139,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     n = len(specs.expand(spec))
     print(f"clgrid: {spec.name}: {n} trials; storage {Path(spec.storage.root).resolve()}; tracking {spec.tracking_uri}",
           flush=True)
-    sweep_dir = sweep.prepare(spec)
+    sweep_dir = sweep.prepare_and_connect(spec, args.address)
     outcome = sweep.run(sweep_dir, address=args.address)
     print_summary(outcome)
     if outcome.unsynced and not args.no_report:

@@ -7,8 +7,8 @@
    the same work: same data, model, seed, batches, optimizer reset per experience, evaluation of
    every test experience after every experience, one thread. The loops draw the same random numbers
    in the same order, so a matching accuracy matrix shows the work is the same.
-2. sweep efficiency: the quickstart grid (12 trials, 1 CPU each) through ``sweep.prepare`` and
-   ``sweep.run`` in a fresh process: sum of the trials' train_seconds / (wall x cores), and the
+2. sweep efficiency: the quickstart grid (12 trials, 1 CPU each) through ``sweep.prepare_and_connect``
+   and ``sweep.run`` in a fresh process: sum of the trials' train_seconds / (wall x cores), and the
    per-trial overhead (core-seconds not spent training, per trial).
 3. evaluation share: the part of an instrumented trial spent filling the accuracy matrix.
 4. instrumentation cost: FLOP counting, checkpoints, Arrow replay commits and MLflow logging on
@@ -273,17 +273,15 @@ def bench_trainer(spec: dict[str, Any], reps: int, root: Path) -> dict[str, Any]
 # ---- 2: sweep efficiency -------------------------------------------------------------------------
 
 def sweep_child(spec_json: str) -> None:
-    """In a fresh process, as `clgrid run` does it: prepare, run (starts Ray), shut Ray down."""
+    """In a fresh process, as `clgrid run` does it: prepare while Ray starts, run, shut Ray down."""
     import ray
 
     from clgrid import sweep
 
     spec = PipelineSpec.model_validate_json(spec_json)
     marks = {"start": time.time()}
-    sweep_dir = sweep.prepare(spec)
-    marks["prepared"] = time.time()
-    sweep.connect(None)
-    marks["ray_started"] = time.time()
+    sweep_dir = sweep.prepare_and_connect(spec, None)
+    marks["started"] = time.time()
     outcome = sweep.run(sweep_dir, progress=False)
     marks["ran"] = time.time()
     ray.shutdown()
@@ -330,9 +328,8 @@ def bench_sweep(spec: dict[str, Any], root: Path) -> dict[str, Any]:
     return {
         "trials": len(trials), "cores": cores, "wall": wall, "train_seconds": train,
         "efficiency": train / (wall * cores), "overhead_per_trial": (wall * cores - train) / len(trials),
-        "prepare": marks["prepared"] - marks["start"], "epochs": spec["train"].get("epochs"),
-        "ray_start": marks["ray_started"] - marks["prepared"],
-        "first_trial_start": min(t["start"] for t in trials) - marks["ray_started"],
+        "start_up": marks["started"] - marks["start"], "epochs": spec["train"].get("epochs"),
+        "first_trial_start": min(t["start"] for t in trials) - marks["started"],
         "first_trial_extra": statistics.median(o[0] for o in outside) - in_trial,
         "in_trial_overhead": in_trial,  # trial wall not spent training: evaluation, checkpoints, MLflow
         "tail": end - min(ts[-1]["end"] for ts in by_worker.values()), "after_last_trial": marks["shut_down"] - end,
@@ -407,7 +404,7 @@ def report_sweep(s: dict[str, Any]) -> None:
     print(f"sweep efficiency: {s['trials']} trials ({epochs}1 CPU each), {s['train_seconds']:.1f} train s summed / "
           f"({s['wall']:.1f} s wall x {s['cores']} cores) = {s['efficiency']:.2f}; per-trial overhead "
           f"{s['overhead_per_trial']:.2f} s")
-    print(f"  sweep phases: prepare {s['prepare']:.1f} s, Ray start {s['ray_start']:.1f} s, first trial starts "
+    print(f"  sweep phases: MLflow runs prepared while Ray starts {s['start_up']:.1f} s, first trial starts "
           f"{s['first_trial_start']:.1f} s later and takes {s['first_trial_extra']:.1f} s more than later ones "
           f"(imports, data, MLflow store), each trial {s['in_trial_overhead']:.2f} s outside training "
           f"(evaluation, checkpoints, MLflow), one core idle for the last {s['tail']:.1f} s, exit "
