@@ -158,8 +158,8 @@ def test_invalid_class_splits_are_rejected(fields, message):
 
 
 def test_valid_specs_pass():
-    BenchmarkSpec(source="cifar100", scenario="class-il", experiences=20)
-    BenchmarkSpec(source="digits", scenario="domain-il", domain="permuted", experiences=7)
+    assert BenchmarkSpec(source="cifar100", scenario="class-il", experiences=20).experiences == 20
+    assert BenchmarkSpec(source="digits", scenario="domain-il", domain="permuted", experiences=7).domain == "permuted"
 
 
 # --- torchvision readers on tiny files in the real on-disk formats --------------------------------

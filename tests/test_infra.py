@@ -156,8 +156,10 @@ def cluster() -> dict:
 def test_cluster_config_passes_rays_own_schema(cluster):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    # The same two steps `ray up` runs before touching the cloud (both offline).
-    validate_config(prepare_config(copy.deepcopy(cluster)))
+    # The same two steps `ray up` runs before touching the cloud (both offline); they raise on a bad config.
+    prepared = prepare_config(copy.deepcopy(cluster))
+    validate_config(prepared)
+    assert prepared["head_node_type"] in prepared["available_node_types"]
 
 
 def test_cluster_has_cpu_head_and_gpu_worker_type(cluster):
