@@ -13,7 +13,6 @@ server stays away longer keeps training and leaves what it could not upload to `
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import random
@@ -23,15 +22,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-import matplotlib
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from mlflow.entities import Metric, Param  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from clgrid.errors import UsageError  # noqa: E402
-from clgrid.spec import TrialSpec  # noqa: E402
+from clgrid import matrix_png
+from clgrid.errors import UsageError
+from clgrid.spec import TrialSpec
 
 T = TypeVar("T")
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
@@ -202,9 +198,7 @@ def write_matrix(folder: Path, R: list[list[float]], b: list[float]) -> None:
     from clgrid import checkpoint  # imports torch, which `clgrid report` (also a user of this module) does not need
 
     checkpoint.write_json(folder / MATRIX_FILES[0], {"R": R, "b": b, "experiences": list(range(len(R)))})
-    png = io.BytesIO()
-    heatmap(R, png)
-    checkpoint.atomic_write(folder / MATRIX_FILES[1], png.getvalue())
+    checkpoint.atomic_write(folder / MATRIX_FILES[1], matrix_png.render(R))
 
 
 def upload_matrix(uri: str, run_id: str, folder: Path, seconds: float | None = None) -> None:
@@ -216,23 +210,6 @@ def upload_matrix(uri: str, run_id: str, folder: Path, seconds: float | None = N
 def log_matrix(uri: str, run_id: str, R: list[list[float]], b: list[float], folder: Path) -> None:
     write_matrix(folder, R, b)
     upload_matrix(uri, run_id, folder)
-
-
-def heatmap(R: list[list[float]], path: Path | io.BytesIO, title: str = "accuracy matrix") -> None:
-    T = len(R)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * T, 1.0 + 0.6 * T))
-    im = ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
-    for i in range(T):
-        for j in range(T):
-            ax.text(j, i, f"{R[i][j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if R[i][j] < 0.6 else "black")
-    ax.set_xlabel("evaluated on experience j")
-    ax.set_ylabel("after training experience i")
-    ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
 
 
 def end_run(uri: str, run_id: str, status: str, seconds: float | None = None) -> None:
