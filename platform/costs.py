@@ -134,8 +134,22 @@ class Stopwatch:
             self.seconds += time.perf_counter() - start
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts a new peak for ``peak_memory_bytes``: Ray reuses a worker process for several trials,
+    and the earlier trials' peak must not count toward this one's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif sys.platform.startswith("linux"):
+        try:  # "5" resets the process's high-water mark (VmHWM, ru_maxrss) to its current RSS
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass  # not permitted here: the peak then covers the worker's whole life
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak device memory on a GPU; on CPU, the process's peak resident set size."""
+    """Peak device memory on a GPU; on CPU, the process's peak resident set size. Both since the
+    last ``reset_peak_memory`` (on Linux; elsewhere, on CPU, since the process started)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from clgrid import checkpoint, metrics
 from clgrid.benchmarks import BenchmarkSpec, Experience, Stream, load_stream
-from clgrid.costs import Costs, FlopMeter, Stopwatch, peak_memory_bytes, tensor_bytes
+from clgrid.costs import Costs, FlopMeter, Stopwatch, peak_memory_bytes, reset_peak_memory, tensor_bytes
 from clgrid.models import MASKED, build_model, module_bytes
 from clgrid.replay import TensorMemory
 from clgrid.replay.arrow_store import ArrowReplayStore
@@ -84,6 +84,7 @@ class Trainer:
         self.flops = FlopMeter(enabled=instrument)
         self.clock = Stopwatch(self.device)
         self.samples_seen = 0
+        self.earlier_peak = 0  # peak memory of the attempts before a resume
         self.optimizer: torch.optim.Optimizer | None = None
         self.ctx = Context(
             model=model, device=self.device, stream=self.stream, replay=self._memory(),
@@ -111,6 +112,7 @@ class Trainer:
 
     def run(self) -> TrialResult:
         ctx, strategy = self.ctx, self.strategy
+        reset_peak_memory(self.device)
         state = checkpoint.latest(self.trial_dir) if self.instrument else None
         if state is None:
             R, history = [], []
@@ -252,6 +254,10 @@ class Trainer:
 
     # ---- costs and checkpoints ------------------------------------------------------------
 
+    def peak_memory(self) -> int:
+        """This trial's peak memory, over its attempts."""
+        return max(self.earlier_peak, peak_memory_bytes(self.device))
+
     def costs(self) -> Costs:
         share = self.trial.resources.gpus_per_trial if self.device.type == "cuda" else self.trial.resources.cpus_per_trial
         return Costs(
@@ -259,7 +265,7 @@ class Trainer:
             train_seconds=self.clock.seconds,
             device_seconds=self.clock.seconds * share,
             samples_seen=self.samples_seen,
-            peak_memory_bytes=peak_memory_bytes(self.device),
+            peak_memory_bytes=self.peak_memory(),
             replay_bytes=self.ctx.replay.nbytes(),
             model_bytes=module_bytes(self.ctx.model),
             strategy_state_bytes=tensor_bytes(self.strategy.state_dict()) + self.strategy.retained_data_bytes(self.ctx),
@@ -273,7 +279,8 @@ class Trainer:
             "strategy": self.strategy.state_dict(),
             "replay": self.ctx.replay.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "shuffle": self.shuffle.get_state(), "strategy": self.ctx.rng.get_state()},
-            "meters": {"flops": self.flops.total, "seconds": self.clock.seconds, "samples": self.samples_seen},
+            "meters": {"flops": self.flops.total, "seconds": self.clock.seconds, "samples": self.samples_seen,
+                       "peak_memory": self.peak_memory()},
             "R": R, "b": b,
             "history": [vars(h) for h in history],
         }
@@ -289,6 +296,7 @@ class Trainer:
         self.flops.total = state["meters"]["flops"]
         self.clock.seconds = state["meters"]["seconds"]
         self.samples_seen = state["meters"]["samples"]
+        self.earlier_peak = state["meters"].get("peak_memory", 0)  # an earlier attempt's (older checkpoints: 0)
         start = state["experience"] + 1
         ctx.seen = self.stream.train[:start]
         ctx.experience = self.stream.train[start - 1]

@@ -68,3 +68,15 @@ def test_joint_pays_for_the_data_it_keeps(tmp_path: Path) -> None:
     kept = [e.x.nbytes + e.y.nbytes for e in trainer.stream.train]
     assert [h.costs["strategy_state_bytes"] for h in result.history] == [kept[0], kept[0] + kept[1]]
     assert run_trial(tiny_trial({"name": "naive"}), tmp_path / "naive").costs["strategy_state_bytes"] == 0
+
+
+def test_peak_memory_is_the_trials_own_in_a_reused_process(tmp_path: Path) -> None:
+    # Ray reuses a worker for several trials: an earlier, bigger peak must not be reported again
+    from clgrid.costs import peak_memory_bytes
+
+    big = bytearray(1 << 30)
+    big[::4096] = b"\x01" * len(big[::4096])  # touch every page: 1 GiB resident
+    del big
+    earlier = peak_memory_bytes(torch.device("cpu"))
+    result = run_trial(tiny_trial({"name": "naive"}), tmp_path)
+    assert 0 < result.costs["peak_memory_bytes"] < earlier - (512 << 20)
