@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_replay_inspect)
 
     p = sub.add_parser("bench", help="the platform's cost against a plain torch loop, as ratios "
-                                     "(tests/benchmarks/bench_platform.py; minutes)")
+                                     "(minutes)")
     p.add_argument("--quick", action="store_true", help="tiny workloads: digits, a few steps, a 2-trial sweep")
     p.add_argument("--reps", type=int, help="repetitions of each trainer comparison (default 5)")
     p.add_argument("--epochs", type=int, help="epochs per experience (default: the quickstart's)")
@@ -132,7 +132,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _load(args)
-    from clgrid import sweep, tracking
+    from clgrid import tracking
+    from clgrid.sweep import driver as sweep
 
     tracking.check_reachable(spec.tracking_uri)  # before Ray starts: MLflow itself retries for minutes
     safepaths.check_writable(spec.storage.root)  # creates the root: after the check above, which creates nothing
@@ -151,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     spec = _load(args)  # validated here: a bad spec never reaches the cluster
-    from clgrid import jobs
+    from clgrid.sweep import jobs
 
     job_id = jobs.submit(args.address, specs.resolve_spec_path(args.spec), spec, max_concurrent=args.max_concurrent)
     print(job_id, flush=True)
@@ -162,7 +163,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from clgrid import jobs
+    from clgrid.sweep import jobs
 
     status, message = jobs.status(args.address, args.job)
     print(f"{args.job}: {status}" + (f" ({message})" if message else ""))
@@ -170,7 +171,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from clgrid import jobs
+    from clgrid.sweep import jobs
 
     status = jobs.logs(args.address, args.job, follow=args.follow)
     return _job_exit(args.job, status) if args.follow else 0
@@ -183,7 +184,7 @@ def _job_exit(job_id: str, status: str) -> int:
 
 def _find_sweep(args: argparse.Namespace) -> Path:
     """``args.target``: a sweep folder, or a spec whose newest sweep is wanted."""
-    from clgrid import sweep
+    from clgrid.sweep import driver as sweep
 
     if Path(args.target).is_dir():
         return sweep.sweep_dir_of(Path(args.target))
@@ -192,7 +193,8 @@ def _find_sweep(args: argparse.Namespace) -> Path:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from clgrid import liveness, sweep, tracking
+    from clgrid import tracking
+    from clgrid.sweep import driver as sweep, liveness
 
     sweep_dir = _find_sweep(args)
     meta = sweep.read_meta(sweep_dir)
@@ -207,7 +209,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from clgrid import sweep, sync, tracking
+    from clgrid import tracking
+    from clgrid.sweep import driver as sweep, sync
 
     sweep_dir = _find_sweep(args)
     meta = sweep.read_meta(sweep_dir)
@@ -224,7 +227,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 def cmd_reap(args: argparse.Namespace) -> int:
     """The target is a spec (its experiment and tracking URI) or an experiment name."""
-    from clgrid import liveness
+    from clgrid.sweep import liveness
 
     try:
         spec = _load(argparse.Namespace(spec=args.target, tracking_uri=args.tracking_uri, storage=args.storage))
@@ -278,14 +281,11 @@ def _write_report(experiment: str, uri: str, root: Path, out: str | None, spec: 
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Runs the benchmark script of a source checkout (it is not part of the installed package)."""
-    import runpy
+    """The platform's costs against plain loops (clgrid.bench)."""
+    from clgrid.bench import overhead
 
-    script = Path(__file__).resolve().parents[1] / "tests" / "benchmarks" / "bench_platform.py"
-    if not script.is_file():
-        raise UsageError(f"{script} not found: clgrid bench runs from a source checkout (pip install -e .)")
     options = [f"--{k}={v}" for k in ("reps", "epochs", "out") if (v := getattr(args, k)) is not None]
-    runpy.run_path(str(script))["main"](["--quick"] * args.quick + options)
+    overhead.main(["--quick"] * args.quick + options)
     return 0
 
 
@@ -342,7 +342,7 @@ def _mean_std(values: list[float]) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from clgrid.benchmarks import SOURCES, BenchmarkSpec
-    from clgrid.models import ModelSpec
+    from clgrid.train.models import ModelSpec
     from clgrid.strategies import REGISTRY
 
     print("benchmark sources: " + ", ".join(SOURCES))

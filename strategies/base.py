@@ -1,6 +1,6 @@
 """The strategy contract: a Config (the one declaration of a strategy's hyperparameters) and hooks.
 
-The trainer (clgrid.trainer) owns the loop, the optimizer step, devices and cost meters. A strategy
+The trainer (clgrid.train.trainer) owns the loop, the optimizer step, devices and cost meters. A strategy
 only hooks in. Per training experience the hooks fire in this order:
 
     before_experience

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from clgrid.trainer import Trainer, run_trial
+from clgrid.train.trainer import Trainer, run_trial
 from conftest import tiny_trial
 
 

@@ -106,7 +106,7 @@ def _parent(status: str = "RUNNING", driver: dict | None = None, heartbeat: floa
 
 
 def test_liveness_rule():
-    from clgrid import liveness
+    from clgrid.sweep import liveness
 
     now = time.time()
     me = liveness.driver_identity()
@@ -269,7 +269,7 @@ def cluster():
 def reference(tmp_path_factory) -> dict[str, list[list[float]]]:
     """The accuracy matrices of undisturbed trials (the trainer itself, in this process)."""
     from clgrid.spec import PipelineSpec, expand
-    from clgrid.trainer import run_trial
+    from clgrid.train.trainer import run_trial
 
     folder = tmp_path_factory.mktemp("reference")
     return {t.trial_key: run_trial(t, folder / t.trial_key).R for t in expand(PipelineSpec.model_validate(SPEC))}
@@ -304,7 +304,7 @@ def _runs(uri: str, sweep_dir: Path) -> dict[str, list]:
 def test_submitted_sweep_survives_a_raising_trial_and_a_killed_worker(cluster, reference):
     from mlflow.tracking import MlflowClient
 
-    from clgrid import liveness
+    from clgrid.sweep import liveness
 
     keys = _trial_keys()
     spec, storage, faults, log = cluster.root / "spec.yaml", cluster.root / "submitted", cluster.root / "faults-1", cluster.root / "submit.log"

@@ -13,7 +13,7 @@ from clgrid.strategies import REGISTRY, Batch
 from clgrid.strategies.den import DENNet, remap
 from clgrid.strategies.generative_replay import VAE
 from clgrid.strategies.ssl_pretrain import SSLPretrainConfig, augment, nt_xent
-from clgrid.trainer import Trainer, run_trial
+from clgrid.train.trainer import Trainer, run_trial
 from conftest import tiny_trial
 
 

@@ -4,7 +4,7 @@ import io
 
 from PIL import Image
 
-from clgrid import matrix_png
+from clgrid.tracking import matrix_png
 
 
 def test_cells_are_coloured_by_their_accuracy():

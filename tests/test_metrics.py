@@ -2,7 +2,7 @@
 
 import pytest
 
-from clgrid import metrics
+from clgrid.train import metrics
 
 # After exp 0: [0.9, 0.1, 0.0]; after exp 1: [0.5, 0.8, 0.1]; after exp 2: [0.3, 0.6, 0.7]
 R = [[0.9, 0.1, 0.0], [0.5, 0.8, 0.1], [0.3, 0.6, 0.7]]

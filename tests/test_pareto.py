@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from clgrid.report import pareto_front, summarize
-from clgrid.stats import paired_p_value
+from clgrid.report.stats import paired_p_value
 
 
 def test_front_excludes_dominated_points_and_sorts_by_cost():

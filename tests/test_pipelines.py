@@ -114,7 +114,7 @@ def write_tiny_mnist(root: Path, per_class: int = 12, test_per_class: int = 4) -
 
 
 def test_paper_pipeline_downloads_into_data_root_and_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from clgrid.trainer import run_trial
+    from clgrid.train.trainer import run_trial
 
     downloads: list[tuple[str, Path]] = []
 

@@ -15,7 +15,7 @@ def test_stdlib_platform_imports_from_the_repo_root() -> None:
 
 
 def test_clgrid_and_torch_import_from_the_repo_root() -> None:
-    code = "import torch, clgrid.trainer, clgrid.strategies; print(len(clgrid.strategies.REGISTRY))"
+    code = "import torch, clgrid.train.trainer, clgrid.strategies; print(len(clgrid.strategies.REGISTRY))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.strip()) >= 4

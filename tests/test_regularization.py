@@ -9,7 +9,7 @@ import torch
 
 from clgrid.strategies import Batch
 from clgrid.strategies.lwf import distillation
-from clgrid.trainer import Trainer, run_trial
+from clgrid.train.trainer import Trainer, run_trial
 from conftest import tiny_trial
 
 # permuted digits: naive drops experience 0 from about 0.8 to about 0.4 in these 30 steps

@@ -17,7 +17,7 @@ from clgrid.strategies.agem import project as agem_project
 from clgrid.strategies.episodic import flat_grad, loss_grad, set_flat_grad, trainable
 from clgrid.strategies.gem import project as gem_project
 from clgrid.strategies.icarl import herding
-from clgrid.trainer import Trainer
+from clgrid.train.trainer import Trainer
 from conftest import tiny_trial
 
 

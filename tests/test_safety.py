@@ -20,7 +20,8 @@ import pytest
 import torch
 import yaml
 
-from clgrid import checkpoint, safepaths
+from clgrid import fsio, safepaths
+from clgrid.train import checkpoint
 from clgrid.errors import UsageError
 from conftest import run_clgrid, tiny_spec
 
@@ -262,7 +263,7 @@ def test_injected_enospc_on_the_atomic_write_path_loses_nothing(tmp_path: Path, 
     def full(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    monkeypatch.setattr(fsio.os, "fsync", full)
     with pytest.raises(OSError) as err:
         checkpoint.save(trial, 1, {"model": {"w": torch.zeros(3)}, "R": [[0.5], [0.6]]})
     assert err.value.errno == errno.ENOSPC and "exp-001.pt" in str(err.value)

@@ -12,7 +12,7 @@ from annotated_types import Ge, Gt
 from pydantic import ValidationError
 
 from clgrid.strategies import REGISTRY
-from clgrid.trainer import run_trial
+from clgrid.train.trainer import run_trial
 from conftest import REPO, tiny_trial
 
 CASES = [(name, scenario) for name, cls in sorted(REGISTRY.items()) for scenario in cls.scenarios]

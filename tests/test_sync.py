@@ -109,7 +109,8 @@ def _snapshot(uri: str, run_ids: list[str]) -> dict:
 def test_a_server_lost_mid_sweep_loses_no_result_and_sync_uploads_each_point_once(server, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from clgrid import checkpoint, tracking
+    from clgrid import tracking
+    from clgrid.train import checkpoint
     from clgrid.cli import main
     from clgrid.spec import PipelineSpec, TrialSpec, expand
 

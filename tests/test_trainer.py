@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from clgrid.trainer import Trainer, run_trial
+from clgrid.train.trainer import Trainer, run_trial
 from conftest import tiny_trial
 
 
@@ -72,7 +72,7 @@ def test_joint_pays_for_the_data_it_keeps(tmp_path: Path) -> None:
 
 def test_peak_memory_is_the_trials_own_in_a_reused_process(tmp_path: Path) -> None:
     # Ray reuses a worker for several trials: an earlier, bigger peak must not be reported again
-    from clgrid.costs import peak_memory_bytes
+    from clgrid.train.costs import peak_memory_bytes
 
     big = bytearray(1 << 30)
     big[::4096] = b"\x01" * len(big[::4096])  # touch every page: 1 GiB resident

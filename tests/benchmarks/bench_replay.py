@@ -26,7 +26,7 @@ import torch
 from clgrid.replay.arrow_store import ArrowReplayStore
 from clgrid.replay.memory import TensorMemory
 from clgrid.spec import PipelineSpec, expand, load_spec
-from clgrid.trainer import run_trial
+from clgrid.train.trainer import run_trial
 
 
 def per_batch(memories: dict, batch: int, iters: int, rounds: int = 5) -> dict[str, float]:

@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from clgrid.spec import PipelineSpec, TrialSpec, expand
-from clgrid.trainer import run_trial
+from clgrid.train.trainer import run_trial
 
 DEFAULT = [{"name": n} for n in ("naive", "feature_extraction", "finetune_layers", "progressive", "packnet", "hat")]
 

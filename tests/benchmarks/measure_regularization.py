@@ -44,7 +44,7 @@ def label(trial: TrialSpec) -> str:
 
 
 def run(trial: TrialSpec) -> dict:
-    from clgrid.trainer import run_trial
+    from clgrid.train.trainer import run_trial
 
     with tempfile.TemporaryDirectory() as folder:
         result = run_trial(trial, Path(folder), instrument=False)

@@ -10,7 +10,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from clgrid.stats import pareto_front
+from clgrid.report.stats import pareto_front
 
 # (mean, CI half-width) per configuration, in the order of the labels.
 Series = tuple[Sequence[float], Sequence[float]]

@@ -22,7 +22,8 @@ from pydantic_core import PydanticUndefined
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from clgrid.benchmarks import BenchmarkSpec
-from clgrid.models import ModelSpec
+from clgrid.sweep import layout
+from clgrid.train.models import ModelSpec
 from clgrid.strategies import REGISTRY, StrategyConfig
 
 MAX_TRIALS_DEFAULT = 10_000
@@ -84,7 +85,7 @@ class TrackingSpec(Strict):
 
 
 class StorageSpec(Strict):
-    root: str = Field("clgrid-runs", min_length=1, max_length=4096, pattern=_NO_CONTROL,
+    root: str = Field(layout.DEFAULT_ROOT, min_length=1, max_length=4096, pattern=_NO_CONTROL,
                       description="folder (or URI) for checkpoints, replay shards, Ray results")
     replay: Literal["arrow", "memory"] = Field(
         "arrow", description="replay memories in durable Arrow shards in the trial folder, or in process memory")
@@ -141,7 +142,7 @@ class PipelineSpec(Strict):
 
     @property
     def tracking_uri(self) -> str:
-        return self.tracking.uri or f"sqlite:///{Path(self.storage.root).resolve()}/mlflow.db"
+        return self.tracking.uri or layout.sqlite_uri(self.storage.root)
 
     @property
     def spec_hash(self) -> str:

@@ -1,4 +1,4 @@
-"""MLflow, through an explicit ``MlflowClient`` (never the fluent global run).
+"""Writing a sweep's runs to MLflow, through an explicit ``MlflowClient`` (never the fluent global run).
 
 One experiment per pipeline, one parent run per sweep, one child run per trial. Child runs are
 created by the driver before any trial starts; their ids travel in the trial configs, so a retried
@@ -7,101 +7,29 @@ experience index, and a step already present is not logged again.
 
 Every call retries for ``CLGRID_TRACKING_RETRY_SECONDS`` (default 60); a trial whose tracking
 server stays away longer keeps training and leaves what it could not upload to ``clgrid sync``
-(``clgrid.trial_logger``).
+(``clgrid.sweep.trial_logger``).
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import random
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable
 
 from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
 
-from clgrid import matrix_png
-from clgrid.errors import UsageError
-from clgrid.spec import TrialSpec
+from clgrid import fsio
+from clgrid.tracking import matrix_png
+from clgrid.tracking.schema import (
+    BENCHMARK, CONFIG_KEY, MATRIX_FILES, MATRIX_JSON, MATRIX_PNG, PARENT, ROLE, RUN_NAME, SCENARIO, SEED,
+    SPEC_HASH, STRATEGY, SWEEP, SWEEP_ID, TRIAL, TRIAL_KEY, client, local_artifact_root, with_retries,
+)
 
-T = TypeVar("T")
+if TYPE_CHECKING:  # runs take TrialSpecs from the driver; importing the spec would import torch
+    from clgrid.spec import TrialSpec
+
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
-RETRY_ENV = "CLGRID_TRACKING_RETRY_SECONDS"
-RETRY_SECONDS = 60.0
-# Answers another try cannot change: fail at once instead of for the whole budget.
-PERMANENT = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}
-
-
-def retry_seconds() -> float:
-    """How long one MLflow call keeps retrying: ``CLGRID_TRACKING_RETRY_SECONDS``, default 60."""
-    value = os.environ.get(RETRY_ENV, "")
-    try:
-        seconds = float(value) if value else RETRY_SECONDS
-    except ValueError:
-        seconds = -1.0
-    if not 0 <= seconds < float("inf"):
-        raise UsageError(f"{RETRY_ENV}={value!r}: expected a number of seconds >= 0")
-    return seconds
-
-
-def with_retries(fn: Callable[[], T], seconds: float | None = None) -> T:
-    """Calls ``fn``, retrying with jittered exponential backoff (0.2 s doubling, at most 10 s apart)
-    for up to ``seconds`` (default ``retry_seconds()``): SQLite "database is locked" from concurrent
-    trials, a tracking server that is briefly away. PERMANENT MLflow errors are raised at once."""
-    deadline = time.monotonic() + (retry_seconds() if seconds is None else seconds)
-    delay = 0.2
-    while True:
-        try:
-            return fn()
-        except Exception as exc:
-            pause = min(delay, 10.0) * (0.5 + random.random())
-            if getattr(exc, "error_code", None) in PERMANENT or time.monotonic() + pause > deadline:
-                raise
-            time.sleep(pause)
-            delay *= 2
-
-
-@functools.lru_cache(maxsize=4)
-def client(uri: str) -> MlflowClient:
-    # MLflow's HTTP client retries a refused connection for about 4 minutes per call (7 retries,
-    # backoff factor 2) and waits 120 s for an answer; under with_retries that multiplies into
-    # half an hour. One budget, ours, unless the user set MLflow's.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" line per ended run
-    return MlflowClient(tracking_uri=uri)
-
-
-def check_reachable(uri: str, timeout: float = 3.0) -> None:
-    """Raises UsageError (one line) when an HTTP tracking server does not answer within ``timeout``.
-
-    Asked with plain urllib, once: MLflow's own client retries a refused connection for minutes
-    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _TIMEOUT), long after the user should have been told. Any HTTP
-    answer counts as reachable (a 401 from an authenticating proxy is the server's business)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
-            pass
-    except urllib.error.HTTPError:
-        pass
-    except (OSError, ValueError) as exc:  # URLError, refused, timeout, bad host; ValueError: malformed URI
-        reason = getattr(exc, "reason", exc)
-        raise UsageError(f"tracking server {uri} is unreachable ({reason}); expected an MLflow tracking server "
-                         f"answering HTTP there (start it first, or leave out --tracking-uri to use SQLite in "
-                         f"the storage root)") from None
-
-
-def local_artifact_root(uri: str, storage_root: str) -> str | None:
-    """Where an embedded store keeps artifacts: beside the database, not in the caller's cwd."""
-    if uri.startswith(("http://", "https://", "databricks")):
-        return None  # a server decides
-    return (Path(storage_root).resolve() / "mlartifacts").as_uri()
 
 
 def experiment_id(uri: str, name: str, storage_root: str) -> str:
@@ -131,17 +59,17 @@ def flat_params(trial: TrialSpec) -> dict[str, str]:
 
 def trial_tags(trial: TrialSpec, sweep_id: str, parent_run_id: str) -> dict[str, str]:
     return {
-        "mlflow.parentRunId": parent_run_id,
-        "mlflow.runName": trial.label,
-        "clgrid.role": "trial",
-        "clgrid.sweep_id": sweep_id,
-        "clgrid.strategy": trial.strategy.name,
-        "clgrid.benchmark": trial.benchmark.id,
-        "clgrid.scenario": trial.benchmark.scenario,
-        "clgrid.seed": str(trial.seed),
-        "clgrid.trial_key": trial.trial_key,
-        "clgrid.config_key": trial.config_key,
-        "clgrid.spec_hash": trial.spec_hash,
+        PARENT: parent_run_id,
+        RUN_NAME: trial.label,
+        ROLE: TRIAL,
+        SWEEP_ID: sweep_id,
+        STRATEGY: trial.strategy.name,
+        BENCHMARK: trial.benchmark.id,
+        SCENARIO: trial.benchmark.scenario,
+        SEED: str(trial.seed),
+        TRIAL_KEY: trial.trial_key,
+        CONFIG_KEY: trial.config_key,
+        SPEC_HASH: trial.spec_hash,
     }
 
 
@@ -149,7 +77,7 @@ def start_sweep(uri: str, exp_id: str, sweep_id: str, spec_hash: str, trials: li
     """Creates the sweep's parent run and one child run per trial; returns their ids."""
     c = client(uri)
     parent = with_retries(lambda: c.create_run(exp_id, run_name=f"sweep-{sweep_id}", tags={
-        "clgrid.role": "sweep", "clgrid.sweep_id": sweep_id, "clgrid.spec_hash": spec_hash}))
+        ROLE: SWEEP, SWEEP_ID: sweep_id, SPEC_HASH: spec_hash}))
     run_ids = {}
     for trial in trials:
         run = with_retries(lambda: c.create_run(exp_id, tags=trial_tags(trial, sweep_id, parent.info.run_id)))
@@ -190,15 +118,10 @@ def log_metrics(uri: str, run_id: str, step: int, values: dict[str, float], seco
         with_retries(lambda: client(uri).log_batch(run_id, metrics=metrics[i:i + MAX_BATCH]), seconds)
 
 
-MATRIX_FILES = ("accuracy_matrix.json", "accuracy_matrix.png")
-
-
 def write_matrix(folder: Path, R: list[list[float]], b: list[float]) -> None:
     """``accuracy_matrix.json`` and ``accuracy_matrix.png`` in ``folder``, each written atomically."""
-    from clgrid import checkpoint  # imports torch, which `clgrid report` (also a user of this module) does not need
-
-    checkpoint.write_json(folder / MATRIX_FILES[0], {"R": R, "b": b, "experiences": list(range(len(R)))})
-    checkpoint.atomic_write(folder / MATRIX_FILES[1], matrix_png.render(R))
+    fsio.write_json(folder / MATRIX_JSON, {"R": R, "b": b, "experiences": list(range(len(R)))})
+    fsio.atomic_write(folder / MATRIX_PNG, matrix_png.render(R))
 
 
 def upload_matrix(uri: str, run_id: str, folder: Path, seconds: float | None = None) -> None:

@@ -39,7 +39,7 @@ def client(address: str):
 def submit(address: str, spec_file: Path, spec: PipelineSpec, *, max_concurrent: int | None = None) -> str:
     """Submits ``clgrid run`` of the (already validated) spec; returns the job's submission id.
     The job gets the environment a local driver gives its trials (``sweep.trial_env``)."""
-    from clgrid.sweep import check_storage, trial_env
+    from clgrid.sweep.driver import check_storage, trial_env
 
     check_storage(spec.storage.root)
     root, uri = spec.storage.root, spec.tracking_uri

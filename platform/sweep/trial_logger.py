@@ -2,7 +2,7 @@
 
 Each upload retries with backoff for the trial's budget (``tracking.with_retries``). When one still
 fails, the logger goes offline for the rest of this attempt: the trial keeps training, and what it
-would have uploaded is written to its outbox (``clgrid.outbox``) for ``clgrid sync``. Waiting the
+would have uploaded is written to its outbox (``clgrid.sweep.outbox``) for ``clgrid sync``. Waiting the
 budget out once per attempt is enough: a server away that long is not back at the next experience.
 
 A run is ended FINISHED only when nothing of the trial is missing from it; otherwise ``clgrid
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from clgrid import tracking
-from clgrid.outbox import Outbox, describe
+from clgrid.sweep.outbox import Outbox, describe
 
 
 class TrialLogger:

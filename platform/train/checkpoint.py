@@ -9,14 +9,13 @@ Loading uses ``torch.load(weights_only=True)``: tensors, numbers, strings and co
 from __future__ import annotations
 
 import io
-import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from clgrid.fsio import atomic_write
 
 FORMAT = 1
 KEEP = 2  # checkpoints kept per trial: the newest one and its predecessor
@@ -25,28 +24,6 @@ _NAME = re.compile(r"^exp-(\d{3,})\.pt$")
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be trusted (tampered, truncated, or of another format)."""
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(path)  # "[Errno 28] No space left on device" alone does not say where
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def save(trial_dir: Path, experience: int, state: dict[str, Any]) -> Path:
@@ -81,11 +58,3 @@ def _listed(trial_dir: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())

@@ -7,7 +7,7 @@
                         -> after_backward -> optimizer.step -> after_step
         strategy.after_experience
         evaluate every test experience -> row i of the accuracy matrix R
-        checkpoint (model, optimizer, strategy, replay, RNG states, R) -> report row i
+        checkpoint (model, strategy, replay, RNG states, R; every experience starts a fresh optimizer) -> report row i
 
 A trial folder that already holds a checkpoint resumes after its experience, with every random
 state restored, so an interrupted trial ends with the same accuracy matrix as an undisturbed one.
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clgrid import checkpoint, metrics
+from clgrid.train import checkpoint, metrics
 from clgrid.benchmarks import BenchmarkSpec, Experience, Stream, load_stream
-from clgrid.costs import Costs, FlopMeter, Stopwatch, peak_memory_bytes, reset_peak_memory, tensor_bytes
-from clgrid.models import MASKED, build_model, module_bytes
+from clgrid.train.costs import Costs, FlopMeter, Stopwatch, peak_memory_bytes, reset_peak_memory, tensor_bytes
+from clgrid.train.models import MASKED, build_model, module_bytes
 from clgrid.replay import TensorMemory
 from clgrid.replay.arrow_store import ArrowReplayStore
 from clgrid.spec import TrialSpec

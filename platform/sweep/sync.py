@@ -1,6 +1,6 @@
 """``clgrid sync``: uploads what a sweep's tracking server missed, from the sweep's folders.
 
-For every folder with an outbox (``clgrid.outbox``), into the run created for it before the sweep
+For every folder with an outbox (``clgrid.sweep.outbox``), into the run created for it before the sweep
 started: the metrics of the missing experiences (from the newest checkpoint's history), only the
 (metric, step) points the run does not have, so a point the server stored before its answer was
 lost is not logged twice; then the accuracy matrix files (an upload overwrites, never duplicates);
@@ -15,9 +15,11 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from clgrid import checkpoint, liveness, sweep, tracking
+from clgrid import fsio, tracking
+from clgrid.sweep import driver as sweep, liveness
+from clgrid.train import checkpoint
 from clgrid.errors import UsageError
-from clgrid.outbox import FILE, Outbox, describe
+from clgrid.sweep.outbox import FILE, Outbox, describe
 from clgrid.spec import TrialSpec
 
 

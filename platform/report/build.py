@@ -5,7 +5,7 @@ names another. Sweeps of the same pipeline may come from different specs or code
 them would silently mix grids. An experiment without any sweep parent run (trials logged
 directly) is reported as a whole.
 
-The summary metrics are recomputed (clgrid.metrics) from each run's `accuracy_matrix.json` so
+The summary metrics are recomputed (clgrid.train.metrics) from each run's `accuracy_matrix.json` so
 that every column, including intransigence against the group's `joint` reference, comes from one
 source; the logged metrics are the fallback when the artifact is missing or malformed. Costs are
 the logged metrics.
@@ -30,8 +30,9 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from clgrid import metrics, plots
-from clgrid.stats import ALPHA, paired_p_value, pareto_front, summarize
+from clgrid.report import plots
+from clgrid.train import metrics
+from clgrid.report.stats import ALPHA, paired_p_value, pareto_front, summarize
 
 __all__ = ["BUDGET_KEYS", "ReportError", "ReportResult", "build_report", "pareto_front", "summarize"]
 
@@ -104,7 +105,7 @@ COLUMNS = (
 class Matrix:
     r: np.ndarray
     names: list[str]
-    summary: dict[str, float]  # clgrid.metrics.summary of r and b
+    summary: dict[str, float]  # clgrid.train.metrics.summary of r and b
 
 
 @dataclass

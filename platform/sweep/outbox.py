@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clgrid import checkpoint
+from clgrid import fsio
 
 FILE = "unsynced.json"
 
@@ -55,7 +55,7 @@ class Outbox:
         if self.empty:
             path.unlink(missing_ok=True)
             return
-        checkpoint.write_json(path, {"run_id": self.run_id, "steps": sorted(self.steps), "matrix": self.matrix,
+        fsio.write_json(path, {"run_id": self.run_id, "steps": sorted(self.steps), "matrix": self.matrix,
                                      "status": self.status, "error": self.error})
 
 

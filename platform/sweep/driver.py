@@ -3,7 +3,7 @@
 A sweep lives in ``<storage>/sweeps/<sweep_id>/``: ``sweep.json`` (the spec, the trials and their
 MLflow run ids, written before any trial starts) and one folder per trial (checkpoints after every
 experience, ``attempts.log`` with one line per trainer start, ``result.json`` once finished, and
-``unsynced.json`` while the tracking server lacks some of it: see ``clgrid.outbox``).
+``unsynced.json`` while the tracking server lacks some of it: see ``clgrid.sweep.outbox``).
 Resuming a sweep runs the same trials again: a trial with ``result.json`` returns it at once, the
 others continue from their last checkpoint, each in its own MLflow run (never a duplicate).
 
@@ -27,10 +27,11 @@ from typing import Any, Iterator
 
 from ray import tune
 
-from clgrid import checkpoint, liveness, outbox, tracking
+from clgrid import fsio, tracking
+from clgrid.sweep import liveness, outbox
 from clgrid.errors import UsageError
 from clgrid.spec import PipelineSpec, TrialSpec, expand
-from clgrid.trial_logger import TrialLogger
+from clgrid.sweep.trial_logger import TrialLogger
 
 RESULT = "result.json"
 FAULT_ENV = "CLGRID_FAULT_ONCE"  # test hook: see _inject_fault
@@ -81,7 +82,7 @@ def prepare(spec: PipelineSpec, sweep_id: str | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     exp_id = tracking.experiment_id(uri, spec.experiment, str(root))
     parent, run_ids = tracking.start_sweep(uri, exp_id, sweep_id, spec.spec_hash, trials)
-    checkpoint.write_json(sweep_dir / "sweep.json", {
+    fsio.write_json(sweep_dir / "sweep.json", {
         "sweep_id": sweep_id, "spec": spec.model_dump(mode="json"), "spec_hash": spec.spec_hash,
         "tracking_uri": uri, "experiment": spec.experiment, "parent_run_id": parent,
         "trials": [{"trial": t.model_dump(mode="json"), "run_id": run_ids[t.trial_key]} for t in trials],
@@ -104,7 +105,7 @@ def find_sweep(spec: PipelineSpec) -> Path:
     check_storage(spec.storage.root)
     folder = Path(spec.storage.root).resolve() / "sweeps"
     found = sorted(p.parent for p in folder.glob("*/sweep.json")
-                   if checkpoint.read_json(p).get("spec_hash") == spec.spec_hash)
+                   if fsio.read_json(p).get("spec_hash") == spec.spec_hash)
     if not found:
         raise UsageError(f"no sweep of {spec.name} (spec_hash {spec.spec_hash}) under {folder}: expected a "
                          f"folder with a sweep.json written by `clgrid run` with the same spec and --storage")
@@ -118,7 +119,7 @@ def sweep_dir_of(path: Path) -> Path:
 
 
 def read_meta(sweep_dir: Path) -> dict[str, Any]:
-    return checkpoint.read_json(sweep_dir / "sweep.json")
+    return fsio.read_json(sweep_dir / "sweep.json")
 
 
 def finished_trials(sweep_dir: Path) -> list[str]:
@@ -129,7 +130,7 @@ def finished_trials(sweep_dir: Path) -> list[str]:
 
 def _trainable(point: dict[str, Any]) -> None:
     """One Ray Tune trial: train (or resume) and log every experience to the trial's MLflow run."""
-    from clgrid import trainer
+    from clgrid.train import trainer
 
     config = point["cfg"]
     trial = TrialSpec.model_validate(config["trial"])
@@ -137,7 +138,7 @@ def _trainable(point: dict[str, Any]) -> None:
     log = TrialLogger(uri, run_id, trial_dir, config["retry_seconds"])
     if (trial_dir / RESULT).exists():  # finished in an earlier attempt or an earlier run of the sweep
         log.finished_earlier()
-        tune.report(checkpoint.read_json(trial_dir / RESULT)["metrics"])
+        tune.report(fsio.read_json(trial_dir / RESULT)["metrics"])
         return
     log.start()
 
@@ -153,7 +154,7 @@ def _trainable(point: dict[str, Any]) -> None:
         log.end("FAILED")
         raise
     log.matrix(result.R, result.b)
-    checkpoint.write_json(trial_dir / RESULT, {"metrics": {**result.metrics, **result.costs}, "R": result.R, "b": result.b})
+    fsio.write_json(trial_dir / RESULT, {"metrics": {**result.metrics, **result.costs}, "R": result.R, "b": result.b})
     log.end("FINISHED")
 
 
@@ -183,7 +184,7 @@ def _inject_fault(trial_key: str, experience: int) -> None:
         return
     if taken.read_text().strip() == "raise":
         raise RuntimeError(f"injected fault ({FAULT_ENV}) after experience {experience}")
-    checkpoint.atomic_write(order.with_name(order.name + ".pid"), str(os.getpid()).encode())
+    fsio.atomic_write(order.with_name(order.name + ".pid"), str(os.getpid()).encode())
     time.sleep(600)
     raise RuntimeError(f"injected hang ({FAULT_ENV}) was not killed")
 
@@ -288,7 +289,7 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
     for t in meta["trials"]:
         trial = TrialSpec.model_validate(t["trial"])
         result_path = sweep_dir / trial.trial_key / RESULT
-        result = checkpoint.read_json(result_path) if result_path.exists() else None
+        result = fsio.read_json(result_path) if result_path.exists() else None
         outcomes.append(TrialOutcome(trial, t["run_id"], result, None if result else "failed: see Ray's error file"))
     _end_runs(uri, sweep_dir, parent, outcomes)
     folders = [sweep_dir / o.trial.trial_key for o in outcomes] + [sweep_dir]

@@ -1,6 +1,6 @@
 """What the platform costs a user, against a plain torch loop, measured in one run and printed as ratios.
 
-    python tests/benchmarks/bench_platform.py [--quick] [--reps 3] [--epochs 4] [--out results.json]
+    python -m clgrid.bench.overhead [--quick] [--reps 3] [--epochs 4] [--out results.json]
     clgrid bench [the same options]
 
 1. trainer overhead: the clgrid trainer (naive, replay, EWC) against hand-written torch loops doing
@@ -42,7 +42,7 @@ from torch.func import functional_call, grad, vmap
 
 from clgrid import tracking
 from clgrid.spec import PipelineSpec, TrialSpec, expand, load_spec
-from clgrid.trainer import ExperienceReport, Trainer
+from clgrid.train.trainer import ExperienceReport, Trainer
 
 STRATEGIES = {"naive": {"name": "naive"}, "replay": {"name": "replay", "buffer_size": 200},
               "ewc": {"name": "ewc", "ewc_lambda": 1000.0}}
@@ -276,7 +276,7 @@ def sweep_child(spec_json: str) -> None:
     """In a fresh process, as `clgrid run` does it: prepare while Ray starts, run, shut Ray down."""
     import ray
 
-    from clgrid import sweep
+    from clgrid.sweep import driver as sweep
 
     spec = PipelineSpec.model_validate_json(spec_json)
     marks = {"start": time.time()}
@@ -306,7 +306,7 @@ def cli_start() -> float:
 
 def bench_sweep(spec: dict[str, Any], root: Path) -> dict[str, Any]:
     spec = {**spec, "storage": {"root": str(root)}, "resources": {"cpus_per_trial": 1}}
-    proc = subprocess.run([sys.executable, __file__, "--sweep-child", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "clgrid.bench.overhead", "--sweep-child", json.dumps(spec)],
                           capture_output=True, text=True, timeout=7200)
     if proc.returncode:
         raise RuntimeError(f"sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

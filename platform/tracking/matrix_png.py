@@ -2,7 +2,7 @@
 
 Each trial writes one after its last experience. Matplotlib took 80 ms per image and a 0.3 s
 pyplot import in every Ray worker, the largest part of a short trial's instrumentation cost; this
-takes a few milliseconds. The report's multi-panel heatmaps stay in matplotlib (``clgrid.plots``).
+takes a few milliseconds. The report's multi-panel heatmaps stay in matplotlib (``clgrid.report.plots``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""``clgrid bench``: the platform's own costs, measured against plain loops in one run."""

@@ -1,0 +1,6 @@
+"""The cost-vs-forgetting report of a sweep's MLflow runs. Imports no torch."""
+
+from clgrid.report.build import BUDGET_KEYS, ReportError, ReportResult, build_report
+from clgrid.report.stats import pareto_front, summarize
+
+__all__ = ["BUDGET_KEYS", "ReportError", "ReportResult", "build_report", "pareto_front", "summarize"]
