@@ -1,4 +1,4 @@
-"""Summary metrics from the accuracy matrix (formulas in design.md).
+"""Summary metrics from the accuracy matrix (formulas in docs/design.md).
 
 R[i][j]: test accuracy on experience j after training on experience i (0-based here).
 b[j]:    accuracy of the freshly initialised model on experience j (for forward transfer).
