@@ -8,13 +8,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
+from clgrid.strategies.base import Batch, Context, MemoryConfig, Strategy, StrategyConfig
 
 
 def _discover() -> dict[str, type[Strategy]]:
     found: dict[str, type[Strategy]] = {}
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name == "base":
+        if info.name == "base" or info.name.startswith("_"):  # the contract, and helpers shared by strategies
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         for obj in vars(module).values():
@@ -28,4 +28,4 @@ def _discover() -> dict[str, type[Strategy]]:
 
 REGISTRY: dict[str, type[Strategy]] = _discover()
 
-__all__ = ["REGISTRY", "Batch", "Context", "Strategy", "StrategyConfig"]
+__all__ = ["REGISTRY", "Batch", "Context", "MemoryConfig", "Strategy", "StrategyConfig"]

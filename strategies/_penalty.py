@@ -2,16 +2,18 @@
 
 Each keeps anchor weights theta* and a per-weight importance Omega, and adds
 strength * sum_i Omega_i (theta_i - theta*_i)^2 to the task loss; they differ in how Omega is
-estimated. Not a strategy itself (the registry skips modules that define none).
+estimated. Not a strategy itself (the registry skips modules whose name starts with "_").
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+
+from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
 
 
 def snapshot(model: nn.Module) -> dict[str, Tensor]:
@@ -48,3 +50,28 @@ def per_sample_gradient_mean(model: nn.Module, sample_loss: Callable[[Tensor, Te
         for n, g in per_sample(params, x[s], y[s], t[s]).items():
             total[n] += transform(g).sum(0)
     return {n: v / len(y) for n, v in total.items()}
+
+
+class ImportancePenalty(Strategy):
+    """SI and MAS: one importance Omega summed over the experiences, anchored at the weights after
+    the latest one. A subclass gives ``strength`` and adds to ``importance`` after each experience."""
+
+    def __init__(self, config: StrategyConfig):
+        super().__init__(config)
+        self.importance: dict[str, Tensor] = {}  # Omega, summed over past experiences
+        self.anchor: dict[str, Tensor] = {}  # the weights after the previous experience
+
+    @property
+    def strength(self) -> float:
+        raise NotImplementedError
+
+    def loss(self, batch: Batch, output: Tensor, ctx: Context) -> Tensor | None:
+        if not self.anchor:
+            return None
+        return self.strength * quadratic_penalty(ctx.model, self.anchor, self.importance)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"importance": self.importance, "anchor": self.anchor}
+
+    def load_state_dict(self, state: dict[str, Any], ctx: Context) -> None:
+        self.importance, self.anchor = state["importance"], state["anchor"]

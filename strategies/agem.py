@@ -11,13 +11,12 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor
 
-from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
-from clgrid.strategies.episodic import experience_sample, flat_grad, loss_grad, regroup, set_flat_grad, trainable
+from clgrid.strategies.base import Batch, Context, MemoryConfig, Strategy
+from clgrid.strategies.episodic import flat_grad, keep_experience_share, loss_grad, set_flat_grad, trainable
 
 
-class AGEMConfig(StrategyConfig):
+class AGEMConfig(MemoryConfig):
     name: Literal["agem"] = "agem"
-    buffer_size: int = Field(200, ge=1, description="samples the memory holds, split over the experiences seen")
     reference_batch_size: int = Field(256, ge=1, description="memory samples behind each reference gradient")
 
 
@@ -40,5 +39,4 @@ class AGEM(Strategy):
         set_flat_grad(params, project(flat_grad(params), g_ref))
 
     def after_experience(self, ctx: Context) -> None:
-        per_experience = self.config.buffer_size // len(ctx.seen)
-        regroup(ctx, "t", per_experience, experience_sample(ctx, per_experience))
+        keep_experience_share(ctx)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 if TYPE_CHECKING:  # only for type names; the platform hands these objects in through ctx
@@ -35,6 +35,13 @@ class StrategyConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MemoryConfig(StrategyConfig):
+    """Base of the Config of a strategy that stores samples: ``buffer_size`` is declared here once,
+    and the trainer sizes ``ctx.replay`` from it (``Strategy.memory_size``)."""
+
+    buffer_size: int = Field(200, ge=1, description="samples the memory holds")
 
 
 @dataclass
@@ -73,7 +80,8 @@ class Context:
     stream:           the benchmark stream (scenario, number of classes, test experiences)
     experience:       the training experience being learned (None before the first)
     seen:             the training experiences learned so far, the current one included
-    replay:           this trial's replay memory (empty and unused unless a strategy writes to it)
+    replay:           this trial's replay memory; its ``capacity`` is the strategy's ``memory_size``
+                      (0 unless its Config is a MemoryConfig)
     rng:              the strategy's random generator (seeded from the trial seed, checkpointed)
     batch_size, epochs, iterations, lr:  the spec's training settings
     mask:             ``mask(scores, t)``: scores as the task loss sees them (task-IL masks each
@@ -117,8 +125,8 @@ class Strategy:
 
     Subclasses set ``Config`` (a StrategyConfig with a ``name`` literal) and, when a scenario does
     not apply, ``scenarios`` (the spec refuses a strategy on a benchmark whose scenario is missing).
-    A strategy that stores samples declares ``buffer_size`` in its Config: the trainer sizes
-    ``ctx.replay`` from it.
+    A strategy that stores samples gives it a MemoryConfig: the trainer sizes ``ctx.replay``
+    from ``memory_size``.
     """
 
     Config: ClassVar[type[StrategyConfig]]
@@ -126,6 +134,11 @@ class Strategy:
 
     def __init__(self, config: StrategyConfig):
         self.config = config
+
+    @property
+    def memory_size(self) -> int:
+        """Slots of ``ctx.replay``: the Config's ``buffer_size`` if it is a MemoryConfig, else 0."""
+        return self.config.buffer_size if isinstance(self.config, MemoryConfig) else 0
 
     def before_experience(self, ctx: Context) -> None:
         """Fires once per training experience, after ``ctx.experience`` is set and a fresh optimizer

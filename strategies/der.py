@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
+from clgrid.strategies.base import Batch, Context, MemoryConfig, Strategy
 
 
-class DERConfig(StrategyConfig):
+class DERConfig(MemoryConfig):
     name: Literal["der"] = "der"
-    buffer_size: int = Field(200, ge=1, description="samples the memory holds")
     alpha: float = Field(0.5, ge=0, description="weight of the logit-matching (MSE) term")
     beta: float = Field(0.5, ge=0, description="weight of the stored-label CE term; 0 gives DER, > 0 DER++")
     replay_batch_size: int | None = Field(None, ge=1,

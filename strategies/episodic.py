@@ -1,7 +1,7 @@
 """Shared pieces of the episodic-memory strategies (iCaRL, A-GEM, GEM).
 
 ``regroup`` keeps a memory split evenly over groups (classes or experiences) as groups arrive;
-the flat-gradient helpers let A-GEM and GEM compare and edit the whole gradient as one vector.
+``keep_experience_share`` is A-GEM's and GEM's use of it; the flat-gradient helpers let A-GEM and GEM compare and edit the whole gradient as one vector.
 """
 
 from __future__ import annotations
@@ -67,3 +67,10 @@ def experience_sample(ctx: Context, n: int) -> dict[str, Tensor]:
     exp = ctx.experience
     pick = torch.randperm(len(exp.y), generator=ctx.rng)[:n]
     return {"x": exp.x[pick], "y": exp.y[pick], "t": torch.full((len(pick),), exp.index, dtype=torch.long)}
+
+
+def keep_experience_share(ctx: Context) -> None:
+    """After an experience: the memory split evenly over the experiences seen, this one's share
+    a random sample of it (older shares shrink to their first rows)."""
+    per_experience = ctx.replay.capacity // len(ctx.seen)
+    regroup(ctx, "t", per_experience, experience_sample(ctx, per_experience))

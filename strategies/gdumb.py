@@ -10,12 +10,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
+from clgrid.strategies.base import Batch, Context, MemoryConfig, Strategy
 
 
-class GDumbConfig(StrategyConfig):
+class GDumbConfig(MemoryConfig):
     name: Literal["gdumb"] = "gdumb"
-    buffer_size: int = Field(200, ge=1, description="samples the memory holds")
     epochs: int = Field(30, ge=1, description="passes over the memory after each experience")
 
 

@@ -14,13 +14,12 @@ from pydantic import Field
 from qpsolvers import solve_qp
 from torch import Tensor
 
-from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
-from clgrid.strategies.episodic import experience_sample, flat_grad, loss_grad, regroup, set_flat_grad, trainable
+from clgrid.strategies.base import Batch, Context, MemoryConfig, Strategy
+from clgrid.strategies.episodic import flat_grad, keep_experience_share, loss_grad, set_flat_grad, trainable
 
 
-class GEMConfig(StrategyConfig):
+class GEMConfig(MemoryConfig):
     name: Literal["gem"] = "gem"
-    buffer_size: int = Field(200, ge=1, description="samples the memory holds, split over the experiences seen")
     margin: float = Field(0.5, ge=0, description="lower bound of the dual variables (the paper's memory strength)")
 
 
@@ -55,5 +54,4 @@ class GEM(Strategy):
             set_flat_grad(params, project(g.cpu(), memory_grads.cpu(), self.config.margin).to(g.device))
 
     def after_experience(self, ctx: Context) -> None:
-        per_experience = self.config.buffer_size // len(ctx.seen)
-        regroup(ctx, "t", per_experience, experience_sample(ctx, per_experience))
+        keep_experience_share(ctx)

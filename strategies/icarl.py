@@ -2,7 +2,8 @@
 
 Class-IL: each batch is trained with a batch of exemplars and the old classes' outputs are distilled
 from the model as it was before the experience; after each experience, herding picks the exemplars
-of the new classes and predictions go to the nearest mean of exemplars (normalised features).
+of the new classes (the memory holds ``buffer_size`` exemplars, split evenly over the classes seen)
+and predictions go to the nearest mean of exemplars (normalised features).
 Distillation is temperature-scaled KL on the old classes' logits, added to the trainer's
 cross-entropy (the paper's sigmoid BCE would replace that loss, which a hook cannot do).
 """
@@ -15,13 +16,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
+from clgrid.strategies.base import Batch, Context, MemoryConfig, Strategy
 from clgrid.strategies.episodic import regroup
 
 
-class ICaRLConfig(StrategyConfig):
+class ICaRLConfig(MemoryConfig):
     name: Literal["icarl"] = "icarl"
-    buffer_size: int = Field(200, ge=1, description="exemplars in all, split evenly over the classes seen")
     distill_weight: float = Field(1.0, ge=0, description="weight of the distillation term")
     temperature: float = Field(2.0, gt=0, description="distillation temperature")
     replay_batch_size: int | None = Field(None, ge=1, description="exemplars per step; default: the batch size")
@@ -76,7 +76,7 @@ class ICaRL(Strategy):
         return F.normalize(torch.cat(features), dim=1)
 
     def after_experience(self, ctx: Context) -> None:
-        per_class = self.config.buffer_size // len(ctx.seen_classes)
+        per_class = ctx.replay.capacity // len(ctx.seen_classes)
         exp = ctx.experience
         features = self._features(ctx, exp.x)
         picks = []

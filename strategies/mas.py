@@ -5,14 +5,14 @@ F the scores of the classes seen so far (no labels needed); it is summed over ex
 training pays lambda * sum_i Omega_i (theta_i - theta*_i)^2 toward the latest weights.
 """
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from clgrid.strategies._penalty import per_sample_gradient_mean, quadratic_penalty, snapshot
-from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
+from clgrid.strategies._penalty import ImportancePenalty, per_sample_gradient_mean, snapshot
+from clgrid.strategies.base import Context, StrategyConfig
 
 
 class MASConfig(StrategyConfig):
@@ -22,18 +22,12 @@ class MASConfig(StrategyConfig):
     samples: int = Field(512, ge=1, description="real samples of the experience for the importance")
 
 
-class MAS(Strategy):
+class MAS(ImportancePenalty):
     Config = MASConfig
 
-    def __init__(self, config: MASConfig):
-        super().__init__(config)
-        self.importance: dict[str, Tensor] = {}  # Omega, summed over past experiences
-        self.anchor: dict[str, Tensor] = {}  # the weights after the previous experience
-
-    def loss(self, batch: Batch, output: Tensor, ctx: Context) -> Tensor | None:
-        if not self.anchor:
-            return None
-        return self.config.mas_lambda * quadratic_penalty(ctx.model, self.anchor, self.importance)
+    @property
+    def strength(self) -> float:
+        return self.config.mas_lambda
 
     def after_experience(self, ctx: Context) -> None:
         exp = ctx.experience
@@ -51,9 +45,3 @@ class MAS(Strategy):
         new = per_sample_gradient_mean(ctx.model, squared_norm, torch.abs, x, y, t)
         self.importance = {n: self.importance.get(n, 0) + v for n, v in new.items()}
         self.anchor = snapshot(ctx.model)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"importance": self.importance, "anchor": self.anchor}
-
-    def load_state_dict(self, state: dict[str, Any], ctx: Context) -> None:
-        self.importance, self.anchor = state["importance"], state["anchor"]

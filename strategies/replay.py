@@ -8,12 +8,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
+from clgrid.strategies.base import Batch, Context, MemoryConfig, Strategy
 
 
-class ReplayConfig(StrategyConfig):
+class ReplayConfig(MemoryConfig):
     name: Literal["replay"] = "replay"
-    buffer_size: int = Field(200, ge=1, description="samples the memory holds")
     replay_batch_size: int | None = Field(None, ge=1, description="replayed samples per step; default: the batch size")
     policy: Literal["reservoir", "class_balanced"] = "reservoir"
 

@@ -5,14 +5,13 @@ path integral omega_i; after an experience Omega_i += omega_i / (Delta_i^2 + xi)
 weight's total change over the experience; later training pays c * sum_i Omega_i (theta_i - theta*_i)^2.
 """
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor
 
-from clgrid.strategies._penalty import quadratic_penalty, snapshot
-from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
+from clgrid.strategies._penalty import ImportancePenalty, snapshot
+from clgrid.strategies.base import Batch, Context, StrategyConfig
 
 
 class SIConfig(StrategyConfig):
@@ -22,23 +21,17 @@ class SIConfig(StrategyConfig):
     xi: float = Field(1e-3, gt=0, description="damping of the importance denominator")
 
 
-class SI(Strategy):
+class SI(ImportancePenalty):
     Config = SIConfig
 
-    def __init__(self, config: SIConfig):
-        super().__init__(config)
-        self.importance: dict[str, Tensor] = {}  # Omega, summed over past experiences
-        self.anchor: dict[str, Tensor] = {}  # the weights after the previous experience
+    @property
+    def strength(self) -> float:
+        return self.config.c
 
     def before_experience(self, ctx: Context) -> None:
         self.start = snapshot(ctx.model)
         self.previous = snapshot(ctx.model)  # the weights before the coming step
         self.path = {n: torch.zeros_like(p) for n, p in self.start.items()}  # omega
-
-    def loss(self, batch: Batch, output: Tensor, ctx: Context) -> Tensor | None:
-        if not self.anchor:
-            return None
-        return self.config.c * quadratic_penalty(ctx.model, self.anchor, self.importance)
 
     def after_backward(self, batch: Batch, ctx: Context) -> None:
         # The path integral measures the task loss's decrease: remove the penalty's own gradient,
@@ -65,9 +58,3 @@ class SI(Strategy):
             contribution = (omega / ((end[n] - self.start[n]).pow(2) + self.config.xi)).clamp(min=0)
             self.importance[n] = self.importance.get(n, 0) + contribution
         self.anchor = end
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"importance": self.importance, "anchor": self.anchor}
-
-    def load_state_dict(self, state: dict[str, Any], ctx: Context) -> None:
-        self.importance, self.anchor = state["importance"], state["anchor"]

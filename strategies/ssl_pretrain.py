@@ -20,6 +20,7 @@ from clgrid.strategies.replay import Replay, ReplayConfig
 
 class SSLPretrainConfig(ReplayConfig):
     name: Literal["ssl_pretrain"] = "ssl_pretrain"
+    # Replay is optional here. Pydantic replaces an inherited field whole, so the default and its bound restate it.
     buffer_size: int = Field(0, ge=0, description="samples the replay memory holds; 0: no replay")
     ssl_epochs: int | None = Field(None, ge=1, description="contrastive epochs per experience; default: the spec's budget")
     ssl_batch_size: int | None = Field(None, ge=2, description="contrastive batch (negatives); default: the spec's")

@@ -1,10 +1,14 @@
-"""Shared helpers: tiny real trials on scikit-learn's digits."""
+"""Shared helpers: tiny real trials on scikit-learn's digits, ports, waiting, an MLflow server."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -40,6 +44,64 @@ def run_clgrid(*args: str, cwd: Path | None = None, env: dict | None = None, tim
     exe = Path(sys.executable).with_name("clgrid")
     return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (a server to start there, or one that is surely closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    """Whether an HTTP server answers at ``url``, whatever it says (a 401 without a token is up)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def wait_for(condition, what: str, timeout: float = 120, logs: tuple[Path, ...] = ()):
+    """``condition()``'s first truthy value; fails after ``timeout`` seconds with the tails of ``logs``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    tails = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}")
+
+
+def mlflow_server(root: Path, port: int) -> list[str]:
+    """The command of `mlflow server` on 127.0.0.1:``port`` with its SQLite store and artifacts in ``root``
+    (run it with MLFLOW_SERVER_ENV)."""
+    return [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow-server.db",
+            "--artifacts-destination", str(root / "mlartifacts")]
+
+
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # 8 job processes a tracking server does not need
+
+
+def write_sweep_json(folder: Path, tracking_uri: str, parent_run_id: str = "0" * 32) -> None:
+    """The sweep.json of a sweep ``s`` without trials whose runs live at ``tracking_uri``."""
+    from clgrid.sweep.layout import SweepDir, SweepMeta
+
+    SweepDir(folder).write_meta(SweepMeta(sweep_id="s", spec={}, spec_hash="", tracking_uri=tracking_uri,
+                                          experiment="e", parent_run_id=parent_run_id, trials=[]))
+
+
+class Exploit:
+    """Unpickling this runs ``touch <marker>``: what a tampered checkpoint or dataset file would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import pickle
 import struct
 from pathlib import Path
@@ -16,6 +15,7 @@ from pydantic import ValidationError
 
 from clgrid.benchmarks import BenchmarkSpec, load_stream, sources
 from clgrid.benchmarks.sources import MissingDataError, load_source
+from conftest import Exploit
 
 
 def stream(seed: int = 0, **fields):
@@ -287,20 +287,12 @@ def test_download_is_attempted_only_when_allowed(tmp_path, monkeypatch):
     assert calls == ["fashion-mnist"] and train_x.shape == (12, 1, 28, 28)
 
 
-class _Exploit:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_cifar_pickle_with_a_foreign_global_is_refused(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
     write_cifar_batch(folder / "test", 2, b"fine_labels", first_label=0)
     marker = tmp_path / "pwned"
-    (folder / "train").write_bytes(pickle.dumps({b"data": _Exploit(marker), b"fine_labels": [0]}, protocol=2))
+    (folder / "train").write_bytes(pickle.dumps({b"data": Exploit(marker), b"fine_labels": [0]}, protocol=2))
     with pytest.raises(pickle.UnpicklingError, match=r"refusing .*(posix|os|nt)\.system"):
         load_source("cifar100", str(tmp_path), False)
     assert not marker.exists()

@@ -15,12 +15,10 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import REPO, run_clgrid, tiny_spec
+from conftest import MLFLOW_SERVER_ENV, REPO, answers, free_port, mlflow_server, run_clgrid, tiny_spec, wait_for
 
 CLGRID = str(Path(sys.executable).with_name("clgrid"))
 SPEC = tiny_spec([{"name": "naive"}, {"name": "replay", "buffer_size": 50}], seeds=[0, 1],
@@ -47,12 +45,6 @@ def _write_spec(path: Path) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---- fast: refusals before anything starts -----------------------------------------------------
 
 
@@ -62,7 +54,7 @@ def test_submit_refuses_a_bad_spec_before_contacting_the_cluster(tmp_path, capsy
     bad = tiny_spec([{"name": "naive", "bogus": 1}])
     spec = tmp_path / "bad.yaml"
     spec.write_text(yaml.safe_dump(bad))
-    assert main(["submit", str(spec), "--address", f"http://127.0.0.1:{_free_port()}"]) == 2
+    assert main(["submit", str(spec), "--address", f"http://127.0.0.1:{free_port()}"]) == 2
     err = capsys.readouterr().err
     assert "strategies.0.bogus" in err and "cannot reach" not in err
 
@@ -70,7 +62,7 @@ def test_submit_refuses_a_bad_spec_before_contacting_the_cluster(tmp_path, capsy
 def test_submit_to_an_unreachable_cluster_is_one_clear_line(tmp_path, capsys):
     from clgrid.cli import main
 
-    address = f"http://127.0.0.1:{_free_port()}"
+    address = f"http://127.0.0.1:{free_port()}"
     assert main(["submit", str(_write_spec(tmp_path / "s.yaml")), "--address", address, "--storage", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"clgrid submit: cannot reach the Ray job API at {address}") and "\n" not in err
@@ -193,17 +185,6 @@ def _kill_sessions(leaders: set[int]) -> None:
             pass
 
 
-def _wait(condition, what: str, timeout: float = 300, logs: tuple[Path, ...] = ()):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    tails = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}")
-
-
 def _alive_nodes(dashboard: str, token: str) -> int:
     request = urllib.request.Request(f"{dashboard}/api/v0/nodes", headers={"Authorization": f"Bearer {token}"})
     try:
@@ -214,27 +195,16 @@ def _alive_nodes(dashboard: str, token: str) -> int:
     return sum(n["state"] == "ALIVE" for n in nodes)
 
 
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5):
-            return True
-    except urllib.error.HTTPError:  # e.g. 401 without the token: the server is up
-        return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def cluster():
     root = Path(tempfile.mkdtemp(prefix="clr-", dir="/tmp"))  # short: Ray's unix sockets live in it
     token = secrets.token_hex(16)
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "",
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # the MLflow server's 8 job processes: not needed
-    gcs, dash, mlflow = _free_port(), _free_port(), _free_port()
+           "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", **MLFLOW_SERVER_ENV}
+    gcs, dash, mlflow = free_port(), free_port(), free_port()
 
     def ports() -> list[str]:  # two nodes on one machine: no default port may be shared
-        return [f"--{name}={_free_port()}" for name in ("node-manager-port", "object-manager-port", "metrics-export-port",
+        return [f"--{name}={free_port()}" for name in ("node-manager-port", "object-manager-port", "metrics-export-port",
                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")]
 
     c = Cluster(root, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{mlflow}", env)
@@ -243,20 +213,18 @@ def cluster():
     procs = [
         c.popen([ray, "start", "--block", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
                  "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                 f"--ray-client-server-port={_free_port()}",  # not the default 10001, maybe taken
+                 f"--ray-client-server-port={free_port()}",  # not the default 10001, maybe taken
                  f"--temp-dir={root / 'head'}", "--disable-usage-stats", *ports()], logs[0]),
-        c.popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(mlflow),
-                 "--workers", "1", "--backend-store-uri", f"sqlite:///{root}/mlflow-server.db",
-                 "--artifacts-destination", str(root / "mlartifacts")], logs[2]),
+        c.popen(mlflow_server(root, mlflow), logs[2]),
     ]
     try:
-        _wait(lambda: _answers(f"{c.dashboard}/api/version"), "the head's dashboard", logs=logs)
+        wait_for(lambda: answers(f"{c.dashboard}/api/version"), "the head's dashboard", timeout=300, logs=logs)
         # Its own --temp-dir: on one machine the nodes would otherwise share runtime_resources/ and
         # one node re-extracting the job's working_dir would pull the driver's cwd from under it.
         procs.append(c.popen([ray, "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
                               "--num-cpus=1", f"--temp-dir={root / 'worker'}", "--disable-usage-stats", *ports()], logs[1]))
-        _wait(lambda: _alive_nodes(c.dashboard, token) == 2, "two alive Ray nodes", logs=logs)
-        _wait(lambda: _answers(f"{c.mlflow}/health"), "the MLflow server", logs=logs)
+        wait_for(lambda: _alive_nodes(c.dashboard, token) == 2, "two alive Ray nodes", timeout=300, logs=logs)
+        wait_for(lambda: answers(f"{c.mlflow}/health"), "the MLflow server", timeout=300, logs=logs)
         yield c
     finally:
         _kill_sessions({p.pid for p in procs})
@@ -316,11 +284,11 @@ def test_submitted_sweep_survives_a_raising_trial_and_a_killed_worker(cluster, r
     submit = subprocess.Popen([CLGRID, "submit", str(spec), "--address", cluster.dashboard, "--tracking-uri",
                                cluster.mlflow, "--storage", str(storage), "--follow"], cwd=REPO, stdout=open(log, "w"),
                               stderr=subprocess.STDOUT, env={**os.environ, **cluster.env, "CLGRID_FAULT_ONCE": str(faults)})
-    hung = int(_wait(lambda: _read(faults / f"{keys[0]}.0.pid"), "the hanging trial", logs=(log,)))
+    hung = int(wait_for(lambda: _read(faults / f"{keys[0]}.0.pid"), "the hanging trial", timeout=300, logs=(log,)))
     hung_since = (faults / f"{keys[0]}.0.pid").stat().st_mtime
-    sweep_dir = _wait(lambda: _sweep_dir(storage), "the sweep folder", logs=(log,))
-    _wait(lambda: any(p.stat().st_mtime > hung_since for p in sweep_dir.glob("*/result.json")),
-          "a trial finished on the other node (the hung one holds its node's only CPU)", logs=(log,))
+    sweep_dir = wait_for(lambda: _sweep_dir(storage), "the sweep folder", timeout=300, logs=(log,))
+    wait_for(lambda: any(p.stat().st_mtime > hung_since for p in sweep_dir.glob("*/result.json")),
+             "a trial finished on the other node (the hung one holds its node's only CPU)", timeout=300, logs=(log,))
     reaped, alive = liveness.reap(cluster.mlflow, "tiny")
     assert (reaped, alive) == ([], [sweep_dir.name])  # a live sweep is left alone
     os.kill(hung, signal.SIGKILL)  # the Ray worker running the trial, mid-trial
@@ -356,9 +324,9 @@ def test_killed_driver_then_reap_and_resume(cluster, reference, capsys):
     (faults / f"{keys[0]}.0").write_text("hang")  # keeps the sweep from finishing before the kill
     driver = cluster.popen([CLGRID, "run", str(spec), "--storage", str(storage), "--address", cluster.gcs, "--no-report"],
                            log, CLGRID_FAULT_ONCE=str(faults))  # SQLite tracking in the storage root
-    hung = int(_wait(lambda: _read(faults / f"{keys[0]}.0.pid"), "the hanging trial", logs=(log,)))
-    sweep_dir = _wait(lambda: _sweep_dir(storage), "the sweep folder", logs=(log,))
-    _wait(lambda: _matrices(sweep_dir), "a finished trial", logs=(log,))
+    hung = int(wait_for(lambda: _read(faults / f"{keys[0]}.0.pid"), "the hanging trial", timeout=300, logs=(log,)))
+    sweep_dir = wait_for(lambda: _sweep_dir(storage), "the sweep folder", timeout=300, logs=(log,))
+    wait_for(lambda: _matrices(sweep_dir), "a finished trial", timeout=300, logs=(log,))
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     before = {k: len(_attempts(sweep_dir, k)) for k in keys}

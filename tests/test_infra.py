@@ -13,7 +13,7 @@ import re
 import pytest
 import yaml
 
-from clgrid.sweep.driver import check_storage
+from clgrid.sweep.layout import check_storage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import pickle
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,17 +22,7 @@ import yaml
 from clgrid import fsio, safepaths
 from clgrid.train import checkpoint
 from clgrid.errors import UsageError
-from conftest import run_clgrid, tiny_spec
-
-
-class _Payload:
-    """Unpickling this runs ``touch <marker>``: what a tampered checkpoint would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+from conftest import Exploit, free_port, run_clgrid, tiny_spec, write_sweep_json
 
 
 def _trial_with_one_good_checkpoint(tmp_path: Path) -> Path:
@@ -44,10 +33,10 @@ def _trial_with_one_good_checkpoint(tmp_path: Path) -> Path:
 
 def _tampered(kind: str, marker: Path, good: bytes) -> bytes:
     if kind == "raw pickle":  # a plain pickle where a checkpoint should be
-        return pickle.dumps({"format": checkpoint.FORMAT, "model": _Payload(marker)})
+        return pickle.dumps({"format": checkpoint.FORMAT, "model": Exploit(marker)})
     if kind == "torch zip":  # torch's own zip format with the payload inside data.pkl
         buf = io.BytesIO()
-        torch.save({"format": checkpoint.FORMAT, "model": _Payload(marker)}, buf)
+        torch.save({"format": checkpoint.FORMAT, "model": Exploit(marker)}, buf)
         return buf.getvalue()
     if kind == "truncated":
         return good[: len(good) // 2]
@@ -108,14 +97,8 @@ def test_a_symlink_out_of_the_folder_is_refused(tmp_path: Path) -> None:
         safepaths.inside(tmp_path / "root", "reports", "exp")
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_tracking_server_is_one_line_and_starts_nothing(tmp_path: Path) -> None:
-    uri = f"http://127.0.0.1:{_closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     spec = tmp_path / "tiny.yaml"
     spec.write_text(yaml.safe_dump(tiny_spec([{"name": "naive"}])))
     storage = tmp_path / "storage"
@@ -133,8 +116,7 @@ def test_unreachable_tracking_server_is_one_line_and_starts_nothing(tmp_path: Pa
     assert proc.returncode == 2 and f"tracking server {uri} is unreachable" in proc.stderr
 
     sweep = tmp_path / "sweep"  # a sweep whose server is gone: resume says so before Ray starts
-    sweep.mkdir()
-    (sweep / "sweep.json").write_text(json.dumps({"sweep_id": "s", "tracking_uri": uri, "trials": []}))
+    write_sweep_json(sweep, uri)
     proc = run_clgrid("resume", str(sweep), cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith(f"clgrid resume: tracking server {uri} is unreachable")
 
@@ -273,8 +255,6 @@ def test_injected_enospc_on_the_atomic_write_path_loses_nothing(tmp_path: Path, 
 
 def test_an_edited_replay_manifest_cannot_point_outside_its_store(tmp_path: Path) -> None:
     """Manifests carry their own sha256, which an editor can recompute: shard names are checked too."""
-    import json
-
     from clgrid.replay import manifest as manifests
     from clgrid.replay.arrow_store import ArrowReplayStore
     from clgrid.replay.errors import ManifestError

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from clgrid import cli
 from clgrid import spec as specs
+from clgrid.spec import problems as spec_problems
 from clgrid.strategies import REGISTRY
 
 EXAMPLES = int(os.environ.get("CLGRID_FUZZ_EXAMPLES", "2000"))
@@ -316,7 +317,7 @@ def test_strategy_and_model_names_resolve_only_through_the_registries(name: str)
 
 
 def test_huge_grid_is_refused_with_its_count_without_expanding(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(specs, "strategy_points", lambda grid: pytest.fail("the grid was expanded"))
+    monkeypatch.setattr(spec_problems, "strategy_points", lambda grid: pytest.fail("the grid was expanded"))
     axis = "[" + ", ".join(str(i) for i in range(1, 1001)) + "]"
     text = BASE.replace("{name: naive}", f"{{name: ewc, ewc_lambda: {axis}, mode: [separate, online], fisher_samples: {axis}}}")
     (problem,) = refused(text + f"seeds: [{', '.join(str(i) for i in range(1000))}]\n")

@@ -24,8 +24,13 @@ def sweep(tmp_path_factory):
 def test_run_prints_the_summary_table_and_the_ui_command(sweep) -> None:
     root, proc = sweep
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "naive" in proc.stdout and "replay (buffer_size=40)" in proc.stdout
-    assert "2/2" in proc.stdout  # seeds finished per row
+    # rows labelled as in the report: by what varies in the grid (one replay configuration: "replay")
+    report = (root / "runs" / "reports" / "e2e" / "report.md").read_text()
+    rows = [line for line in proc.stdout.splitlines() if "split-digits" in line]
+    assert [row.split()[5] for row in rows] == ["naive", "replay"], proc.stdout
+    assert "| naive |" in report and "| replay |" in report
+    assert all("2/2" in row for row in rows)  # seeds finished per row
+    assert all(" ± " in row for row in rows)  # mean ± 95% CI over the two seeds
     assert f"mlflow ui --backend-store-uri sqlite:///{root / 'runs'}/mlflow.db" in proc.stdout
 
 

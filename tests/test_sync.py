@@ -9,19 +9,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import tiny_spec
+from conftest import MLFLOW_SERVER_ENV, answers, free_port, mlflow_server, tiny_spec, wait_for, write_sweep_json
 
 CLGRID = str(Path(sys.executable).with_name("clgrid"))
 # One trial at a time: the hanging first trial holds the sweep until the server is down.
@@ -29,54 +26,25 @@ SPEC = tiny_spec([{"name": "naive"}, {"name": "replay", "buffer_size": 50}], see
                  resources={"cpus_per_trial": 1, "max_failures": 2, "max_concurrent": 1})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except OSError:
-        return False
-
-
-def _wait(condition, what: str, timeout: float = 120, log: Path | None = None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{log.read_text()[-3000:] if log else ''}")
-
-
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 with a SQLite store; stop() kills it outright, start() brings
     it back on the same port and database."""
 
     def __init__(self, root: Path):
-        self.root, self.port = root, _free_port()
+        self.root, self.port = root, free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         log = open(self.root / "mlflow-server.log", "a")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.root}/mlflow-server.db",
-             "--artifacts-destination", str(self.root / "mlartifacts")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # 8 job processes a tracking server does not need
-        _wait(lambda: _answers(f"{self.uri}/health"), "the MLflow server", log=self.root / "mlflow-server.log")
+        self.proc = subprocess.Popen(mlflow_server(self.root, self.port), stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env={**os.environ, **MLFLOW_SERVER_ENV})
+        wait_for(lambda: answers(f"{self.uri}/health"), "the MLflow server", logs=(self.root / "mlflow-server.log",))
 
     def stop(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)  # a crash, not a shutdown: answers in flight are lost
         self.proc.wait()
-        _wait(lambda: not _answers(f"{self.uri}/health"), "the MLflow server to stop answering")
+        wait_for(lambda: not answers(f"{self.uri}/health"), "the MLflow server to stop answering")
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +92,8 @@ def test_a_server_lost_mid_sweep_loses_no_result_and_sync_uploads_each_point_onc
         stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
         env={**os.environ, "CLGRID_FAULT_ONCE": str(faults), "CLGRID_TRACKING_RETRY_SECONDS": "1"})
     try:
-        hung = int(_wait(lambda: (faults / f"{keys[0]}.0.pid").exists() and (faults / f"{keys[0]}.0.pid").read_text(),
-                         "the first trial to log experience 0", log=log))
+        pid = faults / f"{keys[0]}.0.pid"
+        hung = int(wait_for(lambda: pid.exists() and pid.read_text(), "the first trial to log experience 0", logs=(log,)))
         server.stop()  # fault 1: the tracking server, mid-sweep
         os.kill(hung, signal.SIGKILL)  # fault 2: the worker, mid-trial; Ray retries it with the server away
         assert run.wait(timeout=300) == 0, log.read_text()[-5000:]
@@ -208,9 +176,8 @@ def test_sync_errors_are_one_line(tmp_path, capsys):
     assert "nowhere: no such file" in line
     assert main(["sync", str(tmp_path)]) == 2
     assert "not a sweep folder" in capsys.readouterr().err
-    uri = f"http://127.0.0.1:{_free_port()}"
-    (tmp_path / "sweep.json").write_text(json.dumps({"sweep_id": "s", "tracking_uri": uri, "parent_run_id": "0" * 32,
-                                                     "trials": []}))
+    uri = f"http://127.0.0.1:{free_port()}"
+    write_sweep_json(tmp_path, uri)
     assert main(["sync", str(tmp_path)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"clgrid sync: tracking server {uri} is unreachable (")
@@ -220,3 +187,54 @@ def test_sync_errors_are_one_line(tmp_path, capsys):
     line = capsys.readouterr().err.strip().splitlines()[-1]  # after MLflow's lines creating the empty store
     assert f"has no run {'0' * 32} (sweep s); expected the tracking server the sweep ran with ({uri})" in line
     assert time.monotonic() - start < 30
+
+
+SYNC_IN_A_FRESH_PROCESS = """
+import sys
+from pathlib import Path
+
+from clgrid.sweep import sync
+
+done = sync.sync_sweep(Path(sys.argv[1]), sys.argv[2])
+heavy = sorted({"torch", "ray"} & set(sys.modules))
+assert not heavy, f"clgrid sync imported {heavy}"
+print(done.points, done.artifacts, done.statuses)
+"""
+
+
+def test_sync_reads_the_folders_and_imports_neither_torch_nor_ray(tmp_path):
+    """A trial that logged with its server away leaves history.json and an outbox; sync uploads them
+    from a process that never imports torch or Ray (no checkpoint is read)."""
+    from mlflow.tracking import MlflowClient
+
+    from clgrid.spec import PipelineSpec
+    from clgrid.sweep import driver
+    from clgrid.sweep.layout import SweepDir
+    from clgrid.sweep.outbox import Outbox
+    from clgrid.sweep.trial_logger import TrialLogger
+
+    spec = PipelineSpec.model_validate(tiny_spec([{"name": "naive"}], storage={"root": str(tmp_path / "runs")}))
+    sweep = SweepDir(driver.prepare(spec))
+    meta = sweep.meta()
+    (trial,) = meta.trials
+    away = f"http://127.0.0.1:{free_port()}"
+    log = TrialLogger(away, trial.run_id, sweep.trial(trial.trial_key), seconds=0)
+    log.start()
+    R = [[0.5, 0.1], [0.4, 0.25]]
+    for experience, row in enumerate(R):
+        log.experience(experience, row, {"acc": row[experience]}, {"train_flops": 1.0})
+    log.matrix(R, [0.1, 0.1])
+    log.end("FINISHED")
+    ended = Outbox.open(sweep, meta.parent_run_id)  # the driver's end, which the server missed too
+    ended.status = "FINISHED"
+    ended.save()
+    assert not list(sweep.path.rglob("*.pt"))
+
+    proc = subprocess.run([sys.executable, "-c", SYNC_IN_A_FRESH_PROCESS, str(sweep.path), meta.tracking_uri],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["7", "2", "2"]  # acc, train_flops and acc_on_exp_j of 2 experiences; matrix; ends
+    c = MlflowClient(meta.tracking_uri)
+    assert [(m.step, m.value) for m in c.get_metric_history(trial.run_id, "acc")] == [(0, 0.5), (1, 0.25)]
+    assert {c.get_run(run_id).info.status for run_id in (trial.run_id, meta.parent_run_id)} == {"FINISHED"}
+    assert not list(sweep.path.rglob("unsynced.json"))

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from torch.func import functional_call, grad, vmap
 
 from clgrid import tracking
 from clgrid.spec import PipelineSpec, TrialSpec, expand, load_spec
+from clgrid.sweep.layout import SweepDir, TrialDir
 from clgrid.train.trainer import ExperienceReport, Trainer
 
 STRATEGIES = {"naive": {"name": "naive"}, "replay": {"name": "replay", "buffer_size": 200},
@@ -209,7 +210,7 @@ class Logged:
 
         trainer = TimedTrainer(trial, trial_dir, on_experience=log)
         result = trainer.run()
-        tracking.log_matrix(self.uri, run_id, result.R, result.b, trial_dir / "artifacts")
+        tracking.log_matrix(self.uri, run_id, result.R, result.b, TrialDir(trial_dir).artifacts)
         return trainer
 
 
@@ -288,10 +289,11 @@ def sweep_child(spec_json: str) -> None:
     marks["shut_down"] = time.time()
     trials = []
     for t in outcome.trials:
-        folder = sweep_dir / t.trial.trial_key
-        starts = [float(line.split()[0]) for line in (folder / "attempts.log").read_text().splitlines()]
-        trials.append({"start": starts[0], "end": (folder / "result.json").stat().st_mtime,
-                       "pid": (folder / "attempts.log").read_text().split("pid=")[1].split()[0],
+        folder = SweepDir(sweep_dir).trial(t.trial.trial_key)
+        attempts = folder.attempts.read_text()
+        starts = [float(line.split()[0]) for line in attempts.splitlines()]
+        trials.append({"start": starts[0], "end": folder.result.stat().st_mtime,
+                       "pid": attempts.split("pid=")[1].split()[0],
                        "train_seconds": t.result["metrics"]["train_seconds"] if t.result else None})
     print(json.dumps({"marks": marks, "trials": trials}))
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from clgrid.report.aggregate import Config, Group, short, value_order
 from clgrid.report.stats import pareto_front
 
 # (mean, CI half-width) per configuration, in the order of the labels.
@@ -123,3 +128,71 @@ def sensitivity_figure(strategy: str, param: str, values: Sequence[str], acc: Se
     ax.set_title(f"{strategy}: sensitivity to {param}", fontsize=9)
     ax.grid(alpha=0.3)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# The figures of one group
+
+
+@dataclass(frozen=True)
+class Image:
+    path: Path
+    title: str
+    png: bytes
+
+
+def draw(group: Group, out_dir: Path) -> list[Image]:
+    """Writes the group's figures as PNGs to `out_dir`: trade-offs, matrices, stream, sensitivities."""
+    base = _slug(f"{group.benchmark}-{group.scenario}")
+    images = []
+    for name, title, figure, args in _figures(group.configs):
+        image = Image(out_dir / f"{base}-{name}.png", title, png_bytes(figure(*args)))  # one figure alive at a time
+        image.path.write_bytes(image.png)
+        images.append(image)
+    return images
+
+
+def _figures(cfgs: list[Config]) -> list[tuple[str, str, Callable[..., Figure], tuple]]:
+    """(file name, title, figure function, its arguments) of each figure of a group."""
+    figures = [("tradeoff", "Accuracy and forgetting vs training compute and storage (Pareto front dashed)",
+                tradeoff_figure, (
+                    [c.label for c in cfgs],
+                    {"training GFLOP": _series(cfgs, "train_flops", 1e-9),
+                     "storage MB (replay + strategy state + model)": _series(cfgs, "storage_bytes", 1e-6)},
+                    {"ACC": (_series(cfgs, "acc"), True), "forgetting": (_series(cfgs, "forgetting"), False)}))]
+    mats = _mean_matrices(cfgs)
+    if mats:
+        figures += [("matrices", "Accuracy matrices (mean over seeds)", heatmap_figure, (mats,)),
+                    ("stream", "Accuracy on each experience over the stream (mean over seeds)", stream_figure, (mats,))]
+    by_strategy: dict[str, list[Config]] = defaultdict(list)
+    for c in cfgs:
+        by_strategy[c.strategy].append(c)
+    for strategy, group_cfgs in by_strategy.items():
+        if len(group_cfgs) > 1 and len(group_cfgs[0].varying) == 1:
+            (param,) = group_cfgs[0].varying
+            ordered = sorted(group_cfgs, key=lambda c: value_order(c.varying[param]))
+            figures.append((f"sensitivity-{_slug(strategy)}", f"Sensitivity of {strategy} to {short(param)}",
+                            sensitivity_figure, (strategy, short(param), [c.varying[param] for c in ordered],
+                                                 _series(ordered, "acc"))))
+    return figures
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def _series(configs: list[Config], key: str, scale: float = 1.0) -> Series:
+    sums = [c.summary(key) for c in configs]
+    return [m * scale for m, _ in sums], [h * scale for _, h in sums]
+
+
+def _mean_matrices(configs: list[Config]) -> list[tuple[str, np.ndarray, list[str]]]:
+    mats = []
+    for c in configs:
+        ms = [t.matrix for t in c.by_seed.values() if t.matrix is not None]
+        shapes = Counter(m.r.shape for m in ms)
+        if shapes:  # seeds with another shape (a broken run) cannot be averaged in
+            shape = shapes.most_common(1)[0][0]
+            same = [m for m in ms if m.r.shape == shape]
+            mats.append((c.label, np.mean([m.r for m in same], axis=0), same[0].names))
+    return mats

@@ -1,11 +1,10 @@
 """TrialSpecs -> Ray Tune: one trial per grid point, tracked in MLflow, resumable from disk.
 
-A sweep lives in ``<storage>/sweeps/<sweep_id>/``: ``sweep.json`` (the spec, the trials and their
-MLflow run ids, written before any trial starts) and one folder per trial (checkpoints after every
-experience, ``attempts.log`` with one line per trainer start, ``result.json`` once finished, and
-``unsynced.json`` while the tracking server lacks some of it: see ``clgrid.sweep.outbox``).
-Resuming a sweep runs the same trials again: a trial with ``result.json`` returns it at once, the
-others continue from their last checkpoint, each in its own MLflow run (never a duplicate).
+A sweep lives in its folder (``clgrid.sweep.layout``): ``sweep.json`` (the spec, the trials and
+their MLflow run ids, written before any trial starts) and one folder per trial (``clgrid.sweep.trial``
+trains it there). Resuming a sweep runs the same trials again: a trial with ``result.json`` returns
+it at once, the others continue from their last checkpoint, each in its own MLflow run (never a
+duplicate).
 
 Ray: ``address`` (or ``RAY_ADDRESS``, which Ray sets inside a Ray job) attaches to a running
 cluster; without one a local Ray instance starts. On a cluster the storage root must be a path
@@ -28,13 +27,10 @@ from typing import Any, Iterator
 from ray import tune
 
 from clgrid import fsio, tracking
-from clgrid.sweep import liveness, outbox
-from clgrid.errors import UsageError
 from clgrid.spec import PipelineSpec, TrialSpec, expand
-from clgrid.sweep.trial_logger import TrialLogger
-
-RESULT = "result.json"
-FAULT_ENV = "CLGRID_FAULT_ONCE"  # test hook: see _inject_fault
+from clgrid.sweep import liveness, outbox
+from clgrid.sweep.layout import SweepDir, SweepMeta, SweepTrial, check_storage
+from clgrid.sweep.trial import FAULT_ENV, TrialConfig, trainable
 
 
 @dataclass
@@ -64,30 +60,24 @@ def new_sweep_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
-def check_storage(root: str) -> None:
-    """Checkpoints and results are written with POSIX file operations: a path, not an object store."""
-    if "://" in root:
-        raise UsageError(f"storage root {root}: expected a filesystem path (on a cluster, one every node "
-                         f"mounts at the same place), not a URI")
-
-
 def prepare(spec: PipelineSpec, sweep_id: str | None = None) -> Path:
     """Creates the sweep folder, the MLflow parent and child runs, and ``sweep.json``."""
     check_storage(spec.storage.root)
     sweep_id = sweep_id or new_sweep_id()
     root = Path(spec.storage.root).resolve()
-    sweep_dir = root / "sweeps" / sweep_id
+    folder = SweepDir.at(root, sweep_id)
     trials = expand(spec)
     uri = spec.tracking_uri
     root.mkdir(parents=True, exist_ok=True)
     exp_id = tracking.experiment_id(uri, spec.experiment, str(root))
     parent, run_ids = tracking.start_sweep(uri, exp_id, sweep_id, spec.spec_hash, trials)
-    fsio.write_json(sweep_dir / "sweep.json", {
-        "sweep_id": sweep_id, "spec": spec.model_dump(mode="json"), "spec_hash": spec.spec_hash,
-        "tracking_uri": uri, "experiment": spec.experiment, "parent_run_id": parent,
-        "trials": [{"trial": t.model_dump(mode="json"), "run_id": run_ids[t.trial_key]} for t in trials],
-    })
-    return sweep_dir
+    folder.write_meta(SweepMeta(
+        sweep_id=sweep_id, spec=spec.model_dump(mode="json"), spec_hash=spec.spec_hash, tracking_uri=uri,
+        experiment=spec.experiment, parent_run_id=parent,
+        trials=[SweepTrial(trial=t.model_dump(mode="json"), run_id=run_ids[t.trial_key], trial_key=t.trial_key)
+                for t in trials],
+    ))
+    return folder.path
 
 
 def prepare_and_connect(spec: PipelineSpec, address: str | None) -> Path:
@@ -98,95 +88,6 @@ def prepare_and_connect(spec: PipelineSpec, address: str | None) -> Path:
         prepared = pool.submit(prepare, spec)
         connect(address)  # ray.init stays in the main thread; MLflow's client works from any
         return prepared.result()
-
-
-def find_sweep(spec: PipelineSpec) -> Path:
-    """The newest sweep of ``spec`` (same spec_hash) under its storage root."""
-    check_storage(spec.storage.root)
-    folder = Path(spec.storage.root).resolve() / "sweeps"
-    found = sorted(p.parent for p in folder.glob("*/sweep.json")
-                   if fsio.read_json(p).get("spec_hash") == spec.spec_hash)
-    if not found:
-        raise UsageError(f"no sweep of {spec.name} (spec_hash {spec.spec_hash}) under {folder}: expected a "
-                         f"folder with a sweep.json written by `clgrid run` with the same spec and --storage")
-    return found[-1]  # sweep ids start with their creation time
-
-
-def sweep_dir_of(path: Path) -> Path:
-    if not (path / "sweep.json").is_file():
-        raise UsageError(f"{path}: not a sweep folder (expected {path / 'sweep.json'})")
-    return path.resolve()
-
-
-def read_meta(sweep_dir: Path) -> dict[str, Any]:
-    return fsio.read_json(sweep_dir / "sweep.json")
-
-
-def finished_trials(sweep_dir: Path) -> list[str]:
-    """The trial keys of the sweep that have their result.json."""
-    keys = [TrialSpec.model_validate(t["trial"]).trial_key for t in read_meta(sweep_dir)["trials"]]
-    return [k for k in keys if (sweep_dir / k / RESULT).exists()]
-
-
-def _trainable(point: dict[str, Any]) -> None:
-    """One Ray Tune trial: train (or resume) and log every experience to the trial's MLflow run."""
-    from clgrid.train import trainer
-
-    config = point["cfg"]
-    trial = TrialSpec.model_validate(config["trial"])
-    uri, run_id, trial_dir = config["tracking_uri"], config["run_id"], Path(config["trial_dir"])
-    log = TrialLogger(uri, run_id, trial_dir, config["retry_seconds"])
-    if (trial_dir / RESULT).exists():  # finished in an earlier attempt or an earlier run of the sweep
-        log.finished_earlier()
-        tune.report(fsio.read_json(trial_dir / RESULT)["metrics"])
-        return
-    log.start()
-
-    def on_experience(report: trainer.ExperienceReport) -> None:
-        log.experience(**vars(report))
-        tune.report({"experience": report.experience, **report.metrics, **report.costs})
-        _inject_fault(trial.trial_key, report.experience)
-
-    _mark_attempt(trial_dir)
-    try:
-        result = trainer.run_trial(trial, trial_dir, on_experience=on_experience)
-    except BaseException:
-        log.end("FAILED")
-        raise
-    log.matrix(result.R, result.b)
-    fsio.write_json(trial_dir / RESULT, {"metrics": {**result.metrics, **result.costs}, "R": result.R, "b": result.b})
-    log.end("FINISHED")
-
-
-def _mark_attempt(trial_dir: Path) -> None:
-    """Counts trainer starts per trial, with the process and Ray node running each (tests use it to
-    prove finished trials are not rerun, and to find the worker to kill)."""
-    import ray
-
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    with open(trial_dir / "attempts.log", "a") as f:
-        f.write(f"{time.time():.3f} pid={os.getpid()} node={ray.get_runtime_context().get_node_id()}\n")
-
-
-def _inject_fault(trial_key: str, experience: int) -> None:
-    """Test hook, inert unless ``CLGRID_FAULT_ONCE=<dir>`` is set: a file ``<dir>/<trial_key>.<experience>``
-    holding ``raise`` or ``hang`` makes the trial, once that experience is checkpointed and logged,
-    raise, or write its pid to ``<file>.pid`` and sleep until killed. The file is taken (renamed)
-    first, so each fault fires once; retries and resumed sweeps then run undisturbed."""
-    folder = os.environ.get(FAULT_ENV)
-    if not folder:
-        return
-    order = Path(folder) / f"{trial_key}.{experience}"
-    taken = order.with_name(order.name + ".taken")
-    try:
-        os.rename(order, taken)
-    except FileNotFoundError:
-        return
-    if taken.read_text().strip() == "raise":
-        raise RuntimeError(f"injected fault ({FAULT_ENV}) after experience {experience}")
-    fsio.atomic_write(order.with_name(order.name + ".pid"), str(os.getpid()).encode())
-    time.sleep(600)
-    raise RuntimeError(f"injected hang ({FAULT_ENV}) was not killed")
 
 
 FORWARDED_ENV = (FAULT_ENV,)  # the driver's settings that trials read
@@ -254,69 +155,72 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
 def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | None = None,
         progress: bool = True) -> SweepOutcome:
     """Runs (or resumes) the sweep in ``sweep_dir`` on a local Ray instance or the cluster at ``address``."""
-    meta = read_meta(sweep_dir)
-    spec = PipelineSpec.model_validate(meta["spec"])
-    uri, parent = meta["tracking_uri"], meta["parent_run_id"]
-    res = spec.resources
-    seconds = tracking.retry_seconds()  # the driver's setting, also on cluster nodes
-    configs = [{
-        "trial": t["trial"], "run_id": t["run_id"], "tracking_uri": uri, "retry_seconds": seconds,
-        "trial_dir": str(sweep_dir / TrialSpec.model_validate(t["trial"]).trial_key),
-    } for t in meta["trials"]]
+    folder = SweepDir(sweep_dir)
+    meta = folder.meta()
+    uri, parent = meta.tracking_uri, meta.parent_run_id
+    res = PipelineSpec.model_validate(meta.spec).resources
+    seconds = tracking.retry_seconds()
+    configs = [TrialConfig(trial=t, sweep_dir=str(folder.path), tracking_uri=uri, retry_seconds=seconds).model_dump()
+               for t in meta.trials]
     connect(address)
     _credentials_stay_out_of_runtime_envs()
     _trainables_take_prestarted_workers()
     tuner = tune.Tuner(
-        tune.with_resources(_trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}),
+        tune.with_resources(trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}),
         param_space={"cfg": tune.grid_search(configs)},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_concurrent or res.max_concurrent, reuse_actors=True,
             trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
-            name=f"{meta['sweep_id']}-{secrets.token_hex(2)}", storage_path=str(sweep_dir / "ray"),
+            name=f"{meta.sweep_id}-{secrets.token_hex(2)}", storage_path=str(folder.ray),
             failure_config=tune.FailureConfig(max_failures=res.max_failures), verbose=0,
             callbacks=[Progress(len(configs))] if progress else [],
         ),
     )
     tracking.with_retries(lambda: tracking.client(uri).update_run(parent, "RUNNING"))  # a resumed sweep
-    ended = outbox.Outbox.open(sweep_dir, parent)
+    ended = outbox.Outbox.open(folder, parent)
     ended.status = None  # an earlier driver's end that the server missed: this driver will end the run
     ended.save()
     with liveness.Heartbeat(uri, parent):
         tuner.fit()
     outcomes = []
-    for t in meta["trials"]:
-        trial = TrialSpec.model_validate(t["trial"])
-        result_path = sweep_dir / trial.trial_key / RESULT
-        result = fsio.read_json(result_path) if result_path.exists() else None
-        outcomes.append(TrialOutcome(trial, t["run_id"], result, None if result else "failed: see Ray's error file"))
-    _end_runs(uri, sweep_dir, parent, outcomes)
-    folders = [sweep_dir / o.trial.trial_key for o in outcomes] + [sweep_dir]
-    return SweepOutcome(meta["sweep_id"], sweep_dir, meta["experiment"], uri, parent, outcomes, outbox.pending(folders))
+    for t in meta.trials:
+        result_file = folder.trial(t.trial_key).result
+        result = fsio.read_json(result_file) if result_file.exists() else None
+        error = None if result else "failed: see Ray's error file"
+        outcomes.append(TrialOutcome(t.trial_spec(), t.run_id, result, error))
+    _end_runs(uri, folder, parent, outcomes)
+    folders = [folder.trial(t.trial_key) for t in meta.trials] + [folder]
+    return SweepOutcome(meta.sweep_id, folder.path, meta.experiment, uri, parent, outcomes, outbox.pending(folders))
 
 
-def _end_runs(uri: str, sweep_dir: Path, parent: str, outcomes: list[TrialOutcome]) -> None:
+def _end_runs(uri: str, folder: SweepDir, parent: str, outcomes: list[TrialOutcome]) -> None:
     """Ends the runs of trials whose workers died past max_failures, then the sweep's run. With the
     tracking server away, these statuses wait in outboxes for `clgrid sync`."""
     failed = [o for o in outcomes if o.result is None]
-    ends = [(sweep_dir / o.trial.trial_key, o.run_id, "FAILED") for o in failed]
-    ends.append((sweep_dir, parent, "FAILED" if failed else "FINISHED"))
+    ends = [(folder.trial(o.trial.trial_key), o.run_id, "FAILED") for o in failed]
+    ends.append((folder, parent, "FAILED" if failed else "FINISHED"))
     try:
         for o in failed:
             if tracking.run_status(uri, o.run_id) == "RUNNING":
                 tracking.end_run(uri, o.run_id, "FAILED")
         tracking.end_run(uri, parent, ends[-1][2])
     except Exception as exc:
-        for folder, run_id, status in ends:
-            box = outbox.Outbox.open(folder, run_id)
+        for where, run_id, status in ends:
+            box = outbox.Outbox.open(where, run_id)
             box.status, box.error = status, outbox.describe(exc)
             box.save()
 
 
+def _spec(trial: Any) -> TrialSpec:
+    """The TrialSpec of a Ray Tune trial."""
+    return TrialConfig.model_validate(trial.config["cfg"]).trial.trial_spec()
+
+
 def _trial_name(trial: Any) -> str:
-    t = trial.config["cfg"]["trial"]
-    return f"{t['strategy']['name']}-{TrialSpec.model_validate(t).trial_key}"
+    spec = _spec(trial)
+    return f"{spec.strategy.name}-{spec.trial_key}"
 
 
 class Progress(tune.Callback):
@@ -328,18 +232,18 @@ class Progress(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "experience" not in result:  # a trial finished earlier reports only its final metrics
             return
-        t = trial.config["cfg"]["trial"]
-        print(f"  {_label(t)}: experience {result['experience'] + 1}/{t['benchmark']['experiences']}"
+        spec = _spec(trial)
+        print(f"  {_label(spec)}: experience {result['experience'] + 1}/{spec.benchmark.experiences}"
               f"  acc={result['acc']:.3f}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         print(f"[{self.done}/{self.total} trials, {time.time() - self.start:.0f}s] finished "
-              f"{_label(trial.config['cfg']['trial'])}", flush=True)
+              f"{_label(_spec(trial))}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"[trial error] {_label(trial.config['cfg']['trial'])}: see {trial.path}", file=sys.stderr, flush=True)
+        print(f"[trial error] {_label(_spec(trial))}: see {trial.path}", file=sys.stderr, flush=True)
 
 
-def _label(t: dict[str, Any]) -> str:
-    return f"{t['strategy']['name']} seed{t['seed']} {t['benchmark']['source']}/{t['benchmark']['scenario']}"
+def _label(t: TrialSpec) -> str:
+    return f"{t.strategy.name} seed{t.seed} {t.benchmark.source}/{t.benchmark.scenario}"

@@ -15,9 +15,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clgrid.errors import UsageError
-from clgrid.spec import PipelineSpec
+from clgrid.sweep.layout import check_storage
+
+if TYPE_CHECKING:  # the spec imports the strategy registry (torch): `clgrid status` and `logs` need neither
+    from clgrid.spec import PipelineSpec
 
 FAILED = ("FAILED", "STOPPED")
 
@@ -38,8 +42,8 @@ def client(address: str):
 
 def submit(address: str, spec_file: Path, spec: PipelineSpec, *, max_concurrent: int | None = None) -> str:
     """Submits ``clgrid run`` of the (already validated) spec; returns the job's submission id.
-    The job gets the environment a local driver gives its trials (``sweep.trial_env``)."""
-    from clgrid.sweep.driver import check_storage, trial_env
+    The job gets the environment a local driver gives its trials (``driver.trial_env``)."""
+    from clgrid.sweep.driver import trial_env
 
     check_storage(spec.storage.root)
     root, uri = spec.storage.root, spec.tracking_uri

@@ -29,10 +29,10 @@ from mlflow.tracking import MlflowClient
 
 from clgrid import tracking
 from clgrid.errors import UsageError
+from clgrid.tracking.schema import DRIVER, HEARTBEAT, ROLE, SWEEP, SWEEP_ID
 
 HEARTBEAT_SECONDS = 30.0
 DEFAULT_OLDER_THAN = 180.0  # six missed heartbeats
-DRIVER_TAG, HEARTBEAT_TAG = "clgrid.driver", "clgrid.heartbeat"
 
 
 def _boot_id() -> str:
@@ -66,8 +66,8 @@ class Heartbeat:
 
     def __enter__(self) -> "Heartbeat":
         c = tracking.client(self.uri)
-        tracking.with_retries(lambda: c.set_tag(self.run_id, DRIVER_TAG, json.dumps(driver_identity())))
-        tracking.with_retries(lambda: c.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}"))
+        tracking.with_retries(lambda: c.set_tag(self.run_id, DRIVER, json.dumps(driver_identity())))
+        tracking.with_retries(lambda: c.set_tag(self.run_id, HEARTBEAT, f"{time.time():.0f}"))
         self._thread.start()
         return self
 
@@ -79,7 +79,7 @@ class Heartbeat:
         c = MlflowClient(self.uri)  # its own client: the driver's is busy in the main thread
         while not self._stop.wait(self.interval):
             try:
-                c.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+                c.set_tag(self.run_id, HEARTBEAT, f"{time.time():.0f}")
             except Exception:  # a tracking server briefly away: the next beat tries again
                 pass
 
@@ -95,28 +95,18 @@ def judge(parent: Run, older_than: float = DEFAULT_OLDER_THAN, now: float | None
     if parent.info.status != "RUNNING":
         return Verdict(False, f"sweep run is {parent.info.status}")
     tags = parent.data.tags
-    driver = json.loads(tags.get(DRIVER_TAG, "{}"))
+    driver = json.loads(tags.get(DRIVER, "{}"))
     if driver and driver.get("start") is not None and driver.get("boot"):
         if (driver["host"], driver["boot"]) == (socket.gethostname(), _boot_id()):
             if _start_ticks(driver["pid"]) != driver["start"]:
                 return Verdict(False, f"driver pid {driver['pid']} on this machine is gone")
             return Verdict(True, f"driver pid {driver['pid']} on this machine is running")
-    last = float(tags.get(HEARTBEAT_TAG, parent.info.start_time / 1000))
+    last = float(tags.get(HEARTBEAT, parent.info.start_time / 1000))
     age = (now or time.time()) - last
     where = f" on {driver['host']}" if driver else ""
     if age > older_than:
         return Verdict(False, f"driver{where} silent for {age:.0f}s (> {older_than:.0f}s)")
     return Verdict(True, f"driver{where} seen {age:.0f}s ago")
-
-
-def _search(c: MlflowClient, exp_id: str, filter_string: str) -> list[Run]:
-    runs, token = [], None
-    while True:
-        page = tracking.with_retries(lambda: c.search_runs([exp_id], filter_string, max_results=1000, page_token=token))
-        runs += page
-        token = page.token
-        if not token:
-            return runs
 
 
 @dataclass
@@ -128,17 +118,17 @@ class Reaped:
 
 def reap(uri: str, experiment: str, older_than: float = DEFAULT_OLDER_THAN) -> tuple[list[Reaped], list[str]]:
     """Marks the RUNNING runs of dead sweeps KILLED. Returns (reaped sweeps, ids of live sweeps)."""
-    c = tracking.client(uri)
-    exp = tracking.with_retries(lambda: c.get_experiment_by_name(experiment))
+    exp = tracking.with_retries(lambda: tracking.client(uri).get_experiment_by_name(experiment))
     if exp is None:
         raise UsageError(f"no MLflow experiment '{experiment}' at {uri}")
     running: dict[str, list[Run]] = {}
-    for run in _search(c, exp.experiment_id, "attributes.status = 'RUNNING'"):
-        if "clgrid.sweep_id" in run.data.tags:
-            running.setdefault(run.data.tags["clgrid.sweep_id"], []).append(run)
+    for run in tracking.search(uri, exp.experiment_id, "attributes.status = 'RUNNING'"):
+        if SWEEP_ID in run.data.tags:
+            running.setdefault(run.data.tags[SWEEP_ID], []).append(run)
     reaped, alive = [], []
     for sweep_id, runs in sorted(running.items()):
-        parent = next((r for r in runs if r.data.tags.get("clgrid.role") == "sweep"), None) or _parent(c, exp.experiment_id, sweep_id)
+        parent = (next((r for r in runs if r.data.tags.get(ROLE) == SWEEP), None)
+                  or _parent(uri, exp.experiment_id, sweep_id))
         verdict = judge(parent, older_than) if parent else Verdict(False, "sweep run is missing")
         if verdict.alive:
             alive.append(sweep_id)
@@ -149,8 +139,8 @@ def reap(uri: str, experiment: str, older_than: float = DEFAULT_OLDER_THAN) -> t
     return reaped, alive
 
 
-def _parent(c: MlflowClient, exp_id: str, sweep_id: str) -> Run | None:
-    found = _search(c, exp_id, f"tags.`clgrid.sweep_id` = '{sweep_id}' and tags.`clgrid.role` = 'sweep'")
+def _parent(uri: str, exp_id: str, sweep_id: str) -> Run | None:
+    found = tracking.search(uri, exp_id, f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{ROLE}` = '{SWEEP}'")
     return found[0] if found else None
 
 

@@ -1,11 +1,11 @@
 """What a tracking server has not got yet: ``unsynced.json`` in a trial (or sweep) folder.
 
-Everything a trial logs to MLflow is on disk in its folder before it is uploaded, so the folder is
-the durable record and MLflow holds copies:
+Everything a trial logs to MLflow is on disk in its folder (``clgrid.sweep.layout.TrialDir``)
+before it is uploaded, so the folder is the durable record and MLflow holds copies:
 
-- per-experience metrics: each checkpoint's ``history`` (the accuracy row, summary metrics and
-  costs of every experience so far; ``tracking.experience_metrics`` turns one into its MLflow
-  metrics, step = the experience index);
+- per-experience metrics: ``history.json`` (the accuracy row, summary metrics and costs of every
+  experience so far; ``tracking.experience_metrics`` turns one into its MLflow metrics, step = the
+  experience index);
 - the final metrics, R and b: ``result.json``;
 - the accuracy matrix artifacts: ``artifacts/accuracy_matrix.{json,png}``;
 - params and tags: the trial's config in the sweep's ``sweep.json`` (the driver logs them when it
@@ -18,18 +18,16 @@ exists only while something is missing; ``clgrid sync`` uploads the items and re
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from clgrid import fsio
-
-FILE = "unsynced.json"
+from clgrid.sweep.layout import SweepDir, TrialDir
 
 
 @dataclass
 class Outbox:
-    folder: Path
+    folder: SweepDir | TrialDir
     run_id: str
     steps: set[int] = field(default_factory=set)
     matrix: bool = False
@@ -37,12 +35,11 @@ class Outbox:
     error: str = ""  # the last failure, for whoever reads the file
 
     @classmethod
-    def open(cls, folder: Path, run_id: str) -> "Outbox":
+    def open(cls, folder: SweepDir | TrialDir, run_id: str) -> Outbox:
         """The folder's outbox; empty when nothing is missing."""
-        path = folder / FILE
-        if not path.exists():
+        if not folder.unsynced.exists():
             return cls(folder, run_id)
-        data = json.loads(path.read_text())
+        data = fsio.read_json(folder.unsynced)
         return cls(folder, run_id, set(data["steps"]), data["matrix"], data["status"], data["error"])
 
     @property
@@ -51,12 +48,11 @@ class Outbox:
 
     def save(self) -> None:
         """Written atomically; removed once empty."""
-        path = self.folder / FILE
         if self.empty:
-            path.unlink(missing_ok=True)
+            self.folder.unsynced.unlink(missing_ok=True)
             return
-        fsio.write_json(path, {"run_id": self.run_id, "steps": sorted(self.steps), "matrix": self.matrix,
-                                     "status": self.status, "error": self.error})
+        fsio.write_json(self.folder.unsynced, {"run_id": self.run_id, "steps": sorted(self.steps),
+                                               "matrix": self.matrix, "status": self.status, "error": self.error})
 
 
 def describe(exc: BaseException) -> str:
@@ -65,6 +61,6 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def pending(folders: list[Path]) -> list[Path]:
+def pending(folders: list[SweepDir | TrialDir]) -> list[Path]:
     """The folders whose outbox holds something."""
-    return [f for f in folders if (f / FILE).exists()]
+    return [f.path for f in folders if f.unsynced.exists()]

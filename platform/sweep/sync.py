@@ -1,7 +1,7 @@
 """``clgrid sync``: uploads what a sweep's tracking server missed, from the sweep's folders.
 
 For every folder with an outbox (``clgrid.sweep.outbox``), into the run created for it before the sweep
-started: the metrics of the missing experiences (from the newest checkpoint's history), only the
+started: the metrics of the missing experiences (from the folder's ``history.json``), only the
 (metric, step) points the run does not have, so a point the server stored before its answer was
 lost is not logged twice; then the accuracy matrix files (an upload overwrites, never duplicates);
 then the run's status, last, so FINISHED means complete. The outbox is rewritten after each item:
@@ -15,12 +15,12 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from clgrid import fsio, tracking
-from clgrid.sweep import driver as sweep, liveness
-from clgrid.train import checkpoint
+from clgrid import tracking
 from clgrid.errors import UsageError
-from clgrid.sweep.outbox import FILE, Outbox, describe
-from clgrid.spec import TrialSpec
+from clgrid.sweep import liveness
+from clgrid.sweep.layout import SweepDir, SweepMeta
+from clgrid.sweep.outbox import Outbox, describe
+from clgrid.sweep.trial_logger import read_history
 
 
 @dataclass
@@ -32,10 +32,11 @@ class Synced:
 
 
 def sync_sweep(sweep_dir: Path, uri: str) -> Synced:
-    meta = sweep.read_meta(sweep_dir)
-    ended = Outbox.open(sweep_dir, meta["parent_run_id"])
+    folder = SweepDir(sweep_dir)
+    meta = folder.meta()
+    ended = Outbox.open(folder, meta.parent_run_id)
     _check_sweep(uri, meta, driver_ended=ended.status is not None)
-    boxes = [Outbox.open(sweep_dir / TrialSpec.model_validate(t["trial"]).trial_key, t["run_id"]) for t in meta["trials"]]
+    boxes = [Outbox.open(folder.trial(t.trial_key), t.run_id) for t in meta.trials]
     done = Synced()
     for box in [b for b in boxes + [ended] if not b.empty]:  # the sweep's own status last
         done.folders += 1
@@ -49,18 +50,18 @@ def sync_sweep(sweep_dir: Path, uri: str) -> Synced:
     return done
 
 
-def _check_sweep(uri: str, meta: dict, driver_ended: bool) -> None:
+def _check_sweep(uri: str, meta: SweepMeta, driver_ended: bool) -> None:
     """The sweep's runs are at ``uri``, and no driver is still writing to them."""
     try:
-        parent = tracking.with_retries(lambda: tracking.client(uri).get_run(meta["parent_run_id"]))
+        parent = tracking.with_retries(lambda: tracking.client(uri).get_run(meta.parent_run_id))
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        raise UsageError(f"{uri} has no run {meta['parent_run_id']} (sweep {meta['sweep_id']}); expected the "
-                         f"tracking server the sweep ran with ({meta['tracking_uri']})") from None
+        raise UsageError(f"{uri} has no run {meta.parent_run_id} (sweep {meta.sweep_id}); expected the "
+                         f"tracking server the sweep ran with ({meta.tracking_uri})") from None
     verdict = liveness.judge(parent)
     if verdict.alive and not driver_ended:  # a sweep-level outbox status is the driver's last act
-        raise UsageError(f"sweep {meta['sweep_id']} is still running ({verdict.reason}); sync it once it ended")
+        raise UsageError(f"sweep {meta.sweep_id} is still running ({verdict.reason}); sync it once it ended")
 
 
 def _upload(uri: str, box: Outbox, done: Synced) -> None:
@@ -76,7 +77,7 @@ def _upload(uri: str, box: Outbox, done: Synced) -> None:
             box.steps.discard(step)
             box.save()
     if box.matrix:
-        tracking.upload_matrix(uri, box.run_id, box.folder / "artifacts")
+        tracking.upload_matrix(uri, box.run_id, box.folder.artifacts)
         done.artifacts += len(tracking.MATRIX_FILES)
         box.matrix = False
         box.save()
@@ -88,10 +89,9 @@ def _upload(uri: str, box: Outbox, done: Synced) -> None:
 
 
 def _history(box: Outbox) -> dict[int, dict]:
-    """The per-experience reports of the trial's newest checkpoint, by experience."""
-    state = checkpoint.latest(box.folder)
-    history = {h["experience"]: h for h in (state or {}).get("history", [])}
+    """The per-experience reports the trial wrote before logging them, by experience."""
+    history = read_history(box.folder)
     if not box.steps <= history.keys():
-        raise UsageError(f"{box.folder / FILE} lists experiences {sorted(box.steps - history.keys())} that no "
-                         f"checkpoint in {box.folder / 'checkpoints'} holds")
+        raise UsageError(f"{box.folder.unsynced} lists experiences {sorted(box.steps - history.keys())} that "
+                         f"{box.folder.history} does not hold")
     return history

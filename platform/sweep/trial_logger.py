@@ -1,5 +1,8 @@
 """One trial's MLflow logging, which never stops the trial.
 
+What it logs is on disk first: each experience's report in ``history.json``, the matrix files in
+``artifacts/``; so whatever an upload misses, ``clgrid sync`` finds in the folder.
+
 Each upload retries with backoff for the trial's budget (``tracking.with_retries``). When one still
 fails, the logger goes offline for the rest of this attempt: the trial keeps training, and what it
 would have uploaded is written to its outbox (``clgrid.sweep.outbox``) for ``clgrid sync``. Waiting the
@@ -11,20 +14,21 @@ sync`` ends it once it has uploaded the rest.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
-from clgrid import tracking
+from clgrid import fsio, tracking
+from clgrid.sweep.layout import TrialDir
 from clgrid.sweep.outbox import Outbox, describe
 
 
 class TrialLogger:
-    def __init__(self, uri: str, run_id: str, trial_dir: Path, seconds: float):
-        self.uri, self.run_id, self.seconds = uri, run_id, seconds
-        self.artifacts = trial_dir / "artifacts"
-        self.outbox = Outbox.open(trial_dir, run_id)
+    def __init__(self, uri: str, run_id: str, folder: TrialDir, seconds: float):
+        self.uri, self.run_id, self.folder, self.seconds = uri, run_id, folder, seconds
+        self.outbox = Outbox.open(folder, run_id)
         self.online = True
         self.logged: set[int] = set()  # experiences the run already has
+        # Kept from earlier attempts: an experience their outboxes list stays in the file.
+        self.history = read_history(folder)
 
     def _upload(self, fn: Callable[[], Any]) -> bool:
         """Whether ``fn`` (an upload with retries) went through; a failure takes the logger offline."""
@@ -52,14 +56,19 @@ class TrialLogger:
             self._upload(lambda: self.logged.update(tracking.logged_steps(self.uri, self.run_id, self.seconds)))
 
     def experience(self, experience: int, row: list[float], metrics: dict[str, float], costs: dict[str, float]) -> None:
+        report = {"experience": experience, "row": row, "metrics": metrics, "costs": costs}
+        if self.history.get(experience) != report:  # a resumed trial re-reports what the file holds
+            self.history[experience] = report
+            fsio.write_json(self.folder.history, [self.history[k] for k in sorted(self.history)])
         uploaded = experience in self.logged or self._upload(lambda: tracking.log_experience(
             self.uri, self.run_id, experience, row, metrics, costs, self.seconds))
         self._update(steps=self.outbox.steps - {experience} if uploaded else self.outbox.steps | {experience})
 
     def matrix(self, R: list[list[float]], b: list[float]) -> None:
-        tracking.write_matrix(self.artifacts, R, b)  # on disk first: the upload may fail, the file stays
-        self._update(matrix=not self._upload(lambda: tracking.upload_matrix(self.uri, self.run_id, self.artifacts,
-                                                                             self.seconds)))
+        folder = self.folder.artifacts
+        tracking.write_matrix(folder, R, b)  # on disk first: the upload may fail, the file stays
+        uploaded = self._upload(lambda: tracking.upload_matrix(self.uri, self.run_id, folder, self.seconds))
+        self._update(matrix=not uploaded)
 
     def end(self, status: str) -> None:
         """Ends the run; FINISHED waits in the outbox while anything else does."""
@@ -77,3 +86,8 @@ class TrialLogger:
                 tracking.run_status(self.uri, self.run_id, self.seconds))) and status == ["FINISHED"]:
             return
         self.end("FINISHED")
+
+
+def read_history(folder: TrialDir) -> dict[int, dict[str, Any]]:
+    """The reports in ``history.json`` (ExperienceReport fields) by experience; none before the first."""
+    return {h["experience"]: h for h in fsio.read_json(folder.history)} if folder.history.exists() else {}

@@ -1,25 +1,24 @@
 """Trial state after each experience, written atomically and read back without unpickling code.
 
-A trial folder holds ``checkpoints/exp-NNN.pt`` (the state after experience NNN) and, once the
-trial finished, ``result.json``. Each checkpoint is written to a temporary file in the same folder,
-flushed, fsynced and renamed, so a reader sees the old file or the new one, never a torn one.
+A trial folder holds one checkpoint per recent experience (``clgrid.sweep.layout.TrialDir``). Each
+is written to a temporary file in the same folder, flushed, fsynced and renamed, so a reader sees
+the old file or the new one, never a torn one.
 Loading uses ``torch.load(weights_only=True)``: tensors, numbers, strings and containers only.
 """
 
 from __future__ import annotations
 
 import io
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from clgrid.fsio import atomic_write
+from clgrid.sweep.layout import TrialDir
 
 FORMAT = 1
 KEEP = 2  # checkpoints kept per trial: the newest one and its predecessor
-_NAME = re.compile(r"^exp-(\d{3,})\.pt$")
 
 
 class CheckpointError(Exception):
@@ -29,16 +28,17 @@ class CheckpointError(Exception):
 def save(trial_dir: Path, experience: int, state: dict[str, Any]) -> Path:
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "experience": experience, **state}, buf)
-    path = trial_dir / "checkpoints" / f"exp-{experience:03d}.pt"
+    folder = TrialDir(trial_dir)
+    path = folder.checkpoint(experience)
     atomic_write(path, buf.getvalue())
-    for old in _listed(trial_dir)[:-KEEP]:
+    for old in folder.checkpoint_files()[:-KEEP]:
         old.unlink(missing_ok=True)
     return path
 
 
 def latest(trial_dir: Path) -> dict[str, Any] | None:
     """The newest checkpoint of a trial, or None when it has none."""
-    paths = _listed(trial_dir)
+    paths = TrialDir(trial_dir).checkpoint_files()
     return load(paths[-1]) if paths else None
 
 
@@ -52,9 +52,3 @@ def load(path: Path) -> dict[str, Any]:
                               f"expected {FORMAT}")
     return state
 
-
-def _listed(trial_dir: Path) -> list[Path]:
-    folder = trial_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: int(_NAME.match(p.name)[1]))

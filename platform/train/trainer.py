@@ -31,6 +31,7 @@ from clgrid.train.models import MASKED, build_model, module_bytes
 from clgrid.replay import TensorMemory
 from clgrid.replay.arrow_store import ArrowReplayStore
 from clgrid.spec import TrialSpec
+from clgrid.sweep.layout import TrialDir
 from clgrid.strategies import REGISTRY, Batch, Context
 
 
@@ -95,11 +96,11 @@ class Trainer:
         )
 
     def _memory(self):
-        capacity = int(getattr(self.trial.strategy, "buffer_size", 0))
+        capacity = self.strategy.memory_size
         if self.trial.storage.replay == "arrow" and capacity > 0 and self.instrument:
             # manifest=0: a fresh start never inherits an earlier attempt's samples; resume reopens
             # the checkpoint's manifest through load_state_dict
-            return ArrowReplayStore(self.trial_dir / "replay", capacity, manifest=0)
+            return ArrowReplayStore(TrialDir(self.trial_dir).replay, capacity, manifest=0)
         return TensorMemory(capacity)
 
     def _task_mask(self) -> Tensor:

@@ -1,0 +1,147 @@
+"""The report as Markdown (PNGs beside it) and as one self-contained HTML page (PNGs embedded)."""
+
+from __future__ import annotations
+
+import base64
+import html as _html
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from clgrid.report.aggregate import COLUMNS, Budget, Cell, Column, Config, Group, Issue
+from clgrid.report.collect import Sweep
+from clgrid.report.plots import Image
+
+Section = tuple[Group, list[Image]]
+
+MARK_TEXT = {"best": "★", "tie": "≈", "n/a": "n/a", "": ""}
+LEGEND = ("Mean ± 95% CI over seeds (Student t). ★ best in the column; ≈ not significantly different "
+          "from the best (paired t-test over matching seeds, p ≥ 0.05); n/a: fewer than 2 paired seeds, "
+          "no test. Higher is better for ACC, BWT, FWT, LA; lower for forgetting, intransigence "
+          "and costs. Intransigence is against the group's joint strategy. ⚠: seeds missing, "
+          "see Missing or failed runs.")
+ISSUE_HEADER = ["group", "configuration", "seed", "run id", "problem"]
+NO_ISSUES = "None: every configuration finished on every seed."
+CSS = """
+body { font-family: sans-serif; margin: 2em; color: #222; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; white-space: nowrap; }
+th { background: #f0f0f0; }
+td.label { text-align: left; }
+td.best { background: #b9e4b9; font-weight: bold; }
+td.tie { background: #e3f4e3; }
+img { max-width: 100%; border: 1px solid #eee; }
+.warn { color: #a33; }
+"""
+
+
+def intro(sweep: Sweep) -> str:
+    source = (f"sweep {sweep.sweep_id} (parent run {sweep.parent_run_id})" if sweep.parent_run_id
+              else "all trial runs (no sweep parent run)")
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"Experiment {sweep.experiment}, {source}: {sweep.n_finished} of {len(sweep.trials)} trial runs "
+            f"finished. Generated {when}.")
+
+
+def _cell_text(col: Column, cell: Cell) -> str:
+    text = col.mean_ci(cell.mean, cell.hw)
+    mark = MARK_TEXT[cell.mark]
+    return f"{text} {mark}" if mark else text
+
+
+def _seeds_text(group: Group, c: Config) -> str:
+    n = len(c.by_seed)
+    return f"{n}/{len(group.seeds)}" + (" ⚠" if n < len(group.seeds) else "")
+
+
+def _budget_text(budget: Budget, bold: Callable[[str], str], escape: Callable[[str], str]) -> str:
+    if budget.best is None:
+        return escape(budget.text)
+    return escape(budget.text) + bold(escape(budget.best.label)) + escape(budget.detail)
+
+
+def _issue_rows(issues: list[Issue]) -> list[list[str]]:
+    return [[i.group, i.label, i.seed, i.run_id, i.problem] for i in issues]
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _md_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _md_table(group: Group) -> list[str]:
+    header = ["configuration", "seeds"] + [c.header for c in COLUMNS]
+    lines = [_md_row(header), "|" + "---|" * len(header)]
+    for c in group.configs:
+        cells = [_cell_text(col, group.cells[(c.key, col.key)]) for col in COLUMNS]
+        lines.append(_md_row([_md_escape(c.label), _seeds_text(group, c)] + cells))
+    return lines
+
+
+def markdown(experiment: str, intro_text: str, sections: list[Section], issues: list[Issue]) -> str:
+    out = [f"# Cost-vs-forgetting report: {experiment}", "", intro_text, "", LEGEND, ""]
+    for g, images in sections:
+        out += [f"## {g.title}", "", *_md_table(g), "", "### Best under a budget", "",
+                _budget_text(g.budget, lambda s: f"**{s}**", _md_escape), ""]
+        out += [line for img in images for line in (f"### {img.title}", "", f"![{img.title}]({img.path.name})", "")]
+    out += ["## Missing or failed runs", ""]
+    if issues:
+        out += [_md_row(ISSUE_HEADER), "|" + "---|" * len(ISSUE_HEADER)]
+        out += [_md_row([_md_escape(x) for x in row]) for row in _issue_rows(issues)]
+    else:
+        out.append(NO_ISSUES)
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+
+def _html_table(head: list[str], rows: list[str]) -> str:
+    cols = "".join(f"<th>{_html.escape(h)}</th>" for h in head)
+    return f"<div class='scroll'><table><thead><tr>{cols}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+
+
+def _html_results(group: Group) -> str:
+    rows = []
+    for c in group.configs:
+        tds = [f"<td class='label'>{_html.escape(c.label)}</td>", f"<td>{_seeds_text(group, c)}</td>"]
+        for col in COLUMNS:
+            cell = group.cells[(c.key, col.key)]
+            tip = f" title='paired t-test vs best: p = {cell.p:.3g}'" if cell.p is not None else ""
+            css = {"best": "best", "tie": "tie"}.get(cell.mark, "")
+            tds.append(f"<td class='{css}'{tip}>{_html.escape(_cell_text(col, cell))}</td>")
+        rows.append("<tr>" + "".join(tds) + "</tr>")
+    return _html_table(["configuration", "seeds"] + [c.header for c in COLUMNS], rows)
+
+
+def html(experiment: str, intro_text: str, sections: list[Section], issues: list[Issue]) -> str:
+    e = _html.escape
+    body = [f"<h1>Cost-vs-forgetting report: {e(experiment)}</h1>", f"<p>{e(intro_text)}</p>"]
+    if issues:
+        body.append(f"<p class='warn'>{len(issues)} missing or failed run(s): "
+                    "see <a href='#missing'>Missing or failed runs</a>.</p>")
+    body.append(f"<p><small>{e(LEGEND)}</small></p>")
+    for g, images in sections:
+        body += [f"<h2>{e(g.title)}</h2>", _html_results(g), "<h3>Best under a budget</h3>",
+                 f"<p>{_budget_text(g.budget, lambda s: f'<strong>{s}</strong>', e)}</p>"]
+        for img in images:
+            data = base64.b64encode(img.png).decode("ascii")
+            body += [f"<h3>{e(img.title)}</h3>", f"<img alt='{e(img.title)}' src='data:image/png;base64,{data}'>"]
+    body.append("<h2 id='missing'>Missing or failed runs</h2>")
+    if issues:
+        rows = ["<tr>" + "".join(f"<td class='label'>{e(x)}</td>" for x in row) + "</tr>"
+                for row in _issue_rows(issues)]
+        body.append(_html_table(ISSUE_HEADER, rows))
+    else:
+        body.append(f"<p>{NO_ISSUES}</p>")
+    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<title>clgrid report: {e(experiment)}</title><style>{CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")

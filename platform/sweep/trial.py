@@ -1,0 +1,94 @@
+"""One Ray Tune trial, in a Ray worker: train (or resume) a trial in its folder and log every
+experience to the MLflow run the driver created for it.
+
+A trial with ``result.json`` finished in an earlier attempt or an earlier run of the sweep: it
+reports that result at once. Otherwise the trainer continues from the folder's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+from pydantic import BaseModel
+from ray import tune
+
+from clgrid import fsio
+from clgrid.sweep.layout import SweepDir, SweepTrial, TrialDir
+from clgrid.sweep.trial_logger import TrialLogger
+
+FAULT_ENV = "CLGRID_FAULT_ONCE"  # test hook: see _inject_fault
+
+
+class TrialConfig(BaseModel):
+    """What the driver hands one trial (its Ray Tune config): JSON, validated in the worker."""
+
+    trial: SweepTrial
+    sweep_dir: str
+    tracking_uri: str
+    retry_seconds: float  # the driver's setting, also on cluster nodes
+
+    @property
+    def folder(self) -> TrialDir:
+        return SweepDir(Path(self.sweep_dir)).trial(self.trial.trial_key)
+
+
+def trainable(point: dict[str, Any]) -> None:
+    """The Ray Tune trainable: ``point["cfg"]`` is a TrialConfig."""
+    from clgrid.train import trainer
+
+    config = TrialConfig.model_validate(point["cfg"])
+    trial, folder = config.trial.trial_spec(), config.folder
+    log = TrialLogger(config.tracking_uri, config.trial.run_id, folder, config.retry_seconds)
+    if folder.result.exists():
+        log.finished_earlier()
+        tune.report(fsio.read_json(folder.result)["metrics"])
+        return
+    log.start()
+
+    def on_experience(report: trainer.ExperienceReport) -> None:
+        log.experience(**vars(report))  # history.json, then MLflow (or the outbox)
+        tune.report({"experience": report.experience, **report.metrics, **report.costs})
+        _inject_fault(config.trial.trial_key, report.experience)
+
+    _mark_attempt(folder)
+    try:
+        result = trainer.run_trial(trial, folder.path, on_experience=on_experience)
+    except BaseException:
+        log.end("FAILED")
+        raise
+    log.matrix(result.R, result.b)
+    fsio.write_json(folder.result, {"metrics": {**result.metrics, **result.costs}, "R": result.R, "b": result.b})
+    log.end("FINISHED")
+
+
+def _mark_attempt(folder: TrialDir) -> None:
+    """Counts trainer starts per trial, with the process and Ray node running each (tests use it to
+    prove finished trials are not rerun, and to find the worker to kill)."""
+    folder.path.mkdir(parents=True, exist_ok=True)
+    with open(folder.attempts, "a") as f:
+        f.write(f"{time.time():.3f} pid={os.getpid()} node={ray.get_runtime_context().get_node_id()}\n")
+
+
+def _inject_fault(trial_key: str, experience: int) -> None:
+    """Test hook, inert unless ``CLGRID_FAULT_ONCE=<dir>`` is set: a file ``<dir>/<trial_key>.<experience>``
+    holding ``raise`` or ``hang`` makes the trial, once that experience is checkpointed and logged,
+    raise, or write its pid to ``<file>.pid`` and sleep until killed. The file is taken (renamed)
+    first, so each fault fires once; retries and resumed sweeps then run undisturbed."""
+    folder = os.environ.get(FAULT_ENV)
+    if not folder:
+        return
+    order = Path(folder) / f"{trial_key}.{experience}"
+    taken = order.with_name(order.name + ".taken")
+    try:
+        os.rename(order, taken)
+    except FileNotFoundError:
+        return
+    if taken.read_text().strip() == "raise":
+        raise RuntimeError(f"injected fault ({FAULT_ENV}) after experience {experience}")
+    fsio.atomic_write(order.with_name(order.name + ".pid"), str(os.getpid()).encode())
+    time.sleep(600)
+    raise RuntimeError(f"injected hang ({FAULT_ENV}) was not killed")
