@@ -19,6 +19,7 @@ from clgrid.sweep import layout
 
 if TYPE_CHECKING:  # the spec imports the strategy registry (torch): commands import it when they need it
     from clgrid.spec import PipelineSpec
+    from clgrid.sweep.driver import SweepOutcome
 
 
 SPEC = "a YAML file or the name of a bundled pipeline (e.g. quickstart)"
@@ -191,7 +192,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif not args.no_report:
         where = Experiment(spec.experiment, outcome.tracking_uri, Path(spec.storage.root), spec)
         _write_report(where, None, outcome.sweep_id)
+    _print_ui(outcome)
     return 1 if outcome.failed else 0
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def _print_ui(outcome: SweepOutcome) -> None:
+    """The last lines of a sweep: how to open its runs in the MLflow UI, on the runs page (the
+    experiment's id is asked of the store unless the tracking server was lost during the sweep)."""
+    from clgrid import tracking
+
+    uri = outcome.tracking_uri
+    page = ""
+    if not outcome.unsynced:
+        found = tracking.with_retries(lambda: tracking.client(uri).get_experiment_by_name(outcome.experiment))
+        page = f"/#/experiments/{found.experiment_id}/runs" if found else ""
+    if uri.startswith(("http://", "https://")):
+        print(f"The runs in the MLflow UI:  {uri.rstrip('/')}{page}")
+    else:
+        print(f"Open the runs in the MLflow UI:  mlflow ui --backend-store-uri {uri}\n  then {LOCAL_UI}{page}")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -248,6 +269,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
           f"trials finished; tracking {meta.tracking_uri}", flush=True)
     outcome = driver.run(sweep.path, address=args.address, max_concurrent=args.max_concurrent)
     print_summary(outcome)
+    _print_ui(outcome)
     return 1 if outcome.failed else 0
 
 

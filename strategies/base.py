@@ -126,11 +126,13 @@ class Strategy:
     Subclasses set ``Config`` (a StrategyConfig with a ``name`` literal) and, when a scenario does
     not apply, ``scenarios`` (the spec refuses a strategy on a benchmark whose scenario is missing).
     A strategy that stores samples gives it a MemoryConfig: the trainer sizes ``ctx.replay``
-    from ``memory_size``.
+    from ``memory_size``. A strategy that works on the MLP's hidden layers says why in
+    ``needs_hidden_layers`` (the spec refuses it with the linear model, ``hidden: []``).
     """
 
     Config: ClassVar[type[StrategyConfig]]
     scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
+    needs_hidden_layers: ClassVar[str] = ""
 
     def __init__(self, config: StrategyConfig):
         self.config = config
@@ -174,6 +176,25 @@ class Strategy:
         """Bytes of training samples kept outside the replay memory, read after each experience for
         ``strategy_state_bytes``: a strategy that trains on past data must pay for storing it."""
         return 0
+
+    def probe_features(self, x: Tensor, task: int, ctx: Context) -> list[Tensor] | None:
+        """The hidden layers' outputs [n, width], first to penultimate, that answer experience ``task``
+        for inputs ``x``: what the representation probes read. Called only when a spec turns probes
+        on, after each experience's evaluation, with the model in eval mode under
+        ``torch.inference_mode``: it must change nothing and draw no random number. ``task`` may be
+        an experience not trained yet (answer with what would serve it now). None, the default: the
+        outputs of the model's backbone ``layers`` (an MLP's or CNN's), the same for every experience.
+        A strategy that grows or masks the network overrides it with the task's column or mask."""
+        return None
+
+    def probe_weights(self, task: int, ctx: Context) -> dict[str, Tensor] | None:
+        """Detached copies of the parameters that answer experience ``task``, keyed
+        ``hidden.<k>.weight`` / ``hidden.<k>.bias`` (layer k as in ``probe_features``) and ``head...``,
+        with entries the task does not use zeroed: what weight drift compares. Called when probes
+        are on, after each experience's evaluation, for the experience just trained and the one
+        before it; a task's entries must keep their shapes while later experiences train. None, the
+        default: every backbone and head parameter of the model."""
+        return None
 
     def load_state_dict(self, state: dict[str, Any], ctx: Context) -> None:
         """Restores ``state_dict()``; fires before the model's own weights are loaded, so a strategy

@@ -112,6 +112,7 @@ def remap(net: DENNet, srcs: list[Tensor], t: int) -> DENNet:
 
 class DEN(Strategy):
     Config = DENConfig
+    needs_hidden_layers = "grows the MLP's hidden layers"
     scenarios = ("task-il",)
 
     def __init__(self, config: DENConfig):
@@ -240,6 +241,28 @@ class DEN(Strategy):
                 below = drifted[l - 1]
                 m.weight[: w0.shape[0], below] = w0[:, below]
         return [len(d) for d in drifted]
+
+    def probe_features(self, x: Tensor, task: int, ctx: Context) -> list[Tensor]:
+        """Each experience is probed on the units it uses (born at or before it, not retired)."""
+        net, h, hidden = ctx.model, x.flatten(1), []
+        t = torch.full((len(x),), task, device=x.device)
+        for l, layer in enumerate(net.layers):
+            alive = net.alive(l, t)
+            h = torch.relu(layer(h)) * alive
+            hidden.append(h[:, alive[0]])
+        return hidden
+
+    def probe_weights(self, task: int, ctx: Context) -> dict[str, Tensor]:
+        """The weights among the units ``task`` uses, and its head. Later units are appended and
+        split copies retired only for later tasks, so a task's selection keeps its shape and order."""
+        net, t = ctx.model, torch.tensor([task], device=ctx.device)
+        weights, cols = {}, slice(None)
+        for l, layer in enumerate(net.layers):
+            rows = net.alive(l, t)[0]
+            weights |= {f"hidden.{l}.weight": layer.weight[rows][:, cols], f"hidden.{l}.bias": layer.bias[rows]}
+            cols = rows
+        head = net.heads[task]
+        return weights | {"head.weight": head.weight[:, cols], "head.bias": head.bias}
 
     def state_dict(self) -> dict[str, Any]:
         return {"growth": self.growth}

@@ -27,12 +27,12 @@ class EWCConfig(StrategyConfig):
 
 
 def fisher_diagonal(ctx: Context, x: Tensor, y: Tensor, t: Tensor) -> dict[str, Tensor]:
-    """Mean over samples of the squared per-sample gradient of the task loss."""
+    """Mean over samples of the squared per-sample gradient of the task loss (of the true label)."""
 
-    def sample_loss(scores: Tensor, yi: Tensor, ti: Tensor) -> Tensor:
-        return F.cross_entropy(ctx.mask(scores, ti), yi)
+    def sample_losses(scores: Tensor, y: Tensor, t: Tensor) -> Tensor:
+        return F.cross_entropy(ctx.mask(scores, t), y, reduction="none")
 
-    return per_sample_gradient_mean(ctx.model, sample_loss, torch.square, x, y, t)
+    return per_sample_gradient_mean(ctx.model, sample_losses, x, y, t, squared=True)
 
 
 class EWC(Strategy):

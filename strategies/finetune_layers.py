@@ -33,6 +33,7 @@ def layer_groups(model: nn.Module) -> dict[str, nn.Module]:
 
 class FinetuneLayers(Strategy):
     Config = FinetuneLayersConfig
+    needs_hidden_layers = "trains groups of the MLP's hidden layers"
 
     def __init__(self, config: FinetuneLayersConfig):
         super().__init__(config)

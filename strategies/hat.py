@@ -56,6 +56,7 @@ class HATNet(nn.Module):
 
 class HAT(Strategy):
     Config = HATConfig
+    needs_hidden_layers = "gates the MLP's hidden units"
     scenarios = ("task-il",)
 
     def __init__(self, config: HATConfig):
@@ -110,6 +111,25 @@ class HAT(Strategy):
         with torch.no_grad():
             gates = ctx.model.gates(torch.tensor([ctx.experience_index], device=ctx.device))
         self.used = [u | (g[0] > 0.5) for u, g in zip(self.used, gates)]
+
+    def probe_features(self, x: Tensor, task: int, ctx: Context) -> list[Tensor]:
+        """Each experience is probed through its own gates: the hidden units its mask opens."""
+        net, h, hidden = ctx.model, x.flatten(1), []
+        for layer, gate in zip(net.layers, net.gates(torch.full((len(x),), task, device=x.device))):
+            h = F.relu(layer(h)) * gate
+            hidden.append(h)
+        return hidden
+
+    def probe_weights(self, task: int, ctx: Context) -> dict[str, Tensor]:
+        """The weights between the units ``task``'s gates open (> 0.5), and its head."""
+        net = ctx.model
+        opened = [g[0] > 0.5 for g in net.gates(torch.tensor([task], device=ctx.device))]
+        weights, into = {}, None  # the input is not gated
+        for l, (layer, out) in enumerate(zip(net.layers, opened)):
+            held = out[:, None] if into is None else out[:, None] & into[None, :]
+            weights |= {f"hidden.{l}.weight": layer.weight * held, f"hidden.{l}.bias": layer.bias * out}
+            into = out
+        return weights | {f"head.{n}": p for n, p in net.heads[task].named_parameters()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"used": self.used}

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from clgrid.strategies.base import Batch, Context, MemoryConfig, Strategy
 from clgrid.strategies.episodic import regroup
+from clgrid.train.costs import count_flops
 
 
 class ICaRLConfig(MemoryConfig):
@@ -40,6 +41,7 @@ def herding(features: Tensor, m: int) -> Tensor:
         order.append(i)
         free[i] = False
         picked_sum += features[i]
+    count_flops(5 * features.numel() * len(order))  # per pick: add, divide, subtract, square, sum
     return torch.tensor(order, dtype=torch.long)
 
 
@@ -53,7 +55,7 @@ class ICaRL(Strategy):
 
     def before_experience(self, ctx: Context) -> None:
         self.old_classes = sorted({c for e in ctx.seen[:-1] for c in e.classes})
-        self.teacher = copy.deepcopy(ctx.model).requires_grad_(False) if self.old_classes else None
+        self.teacher = copy.deepcopy(ctx.model).eval().requires_grad_(False) if self.old_classes else None
 
     def train_batch(self, batch: Batch, ctx: Context) -> Batch:
         if len(ctx.replay) == 0:
@@ -72,7 +74,14 @@ class ICaRL(Strategy):
 
     @torch.no_grad()
     def _features(self, ctx: Context, x: Tensor, chunk: int = 512) -> Tensor:
-        features = [ctx.model.features(x[i:i + chunk].to(ctx.device)) for i in range(0, len(x), chunk)]
+        """Normalised features in eval mode (restored after): BatchNorm by its running statistics,
+        each sample's features its own, and the statistics untouched."""
+        was_training = ctx.model.training
+        ctx.model.eval()
+        try:
+            features = [ctx.model.features(x[i:i + chunk].to(ctx.device)) for i in range(0, len(x), chunk)]
+        finally:
+            ctx.model.train(was_training)
         return F.normalize(torch.cat(features), dim=1)
 
     def after_experience(self, ctx: Context) -> None:

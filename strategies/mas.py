@@ -36,12 +36,12 @@ class MAS(ImportancePenalty):
         t = torch.full_like(y, exp.index)
         seen = ctx.seen_classes
 
-        def squared_norm(scores: Tensor, yi: Tensor, ti: Tensor) -> Tensor:
+        def squared_norms(scores: Tensor, y: Tensor, t: Tensor) -> Tensor:
             # F is what has been learned: the seen classes' scores (in task-IL the mask leaves only
             # the task's scores non-constant). In class-IL the never-trained classes' large negative
             # scores would otherwise make up most of the norm, and the penalty would protect them.
-            return ctx.mask(scores, ti)[:, seen].pow(2).sum()
+            return ctx.mask(scores, t)[:, seen].pow(2).sum(1)
 
-        new = per_sample_gradient_mean(ctx.model, squared_norm, torch.abs, x, y, t)
+        new = per_sample_gradient_mean(ctx.model, squared_norms, x, y, t, squared=False)
         self.importance = {n: self.importance.get(n, 0) + v for n, v in new.items()}
         self.anchor = snapshot(ctx.model)

@@ -89,6 +89,45 @@ class PackNet(Strategy):
             out = scores if out is None else torch.where((t == task).unsqueeze(1), scores, out)
         return out
 
+    def _serving(self, task: int, ctx: Context) -> dict[str, Tensor]:
+        """The backbone weights as experience ``task`` sees them: those owned by tasks <= task."""
+        return {n: p * ((self.owner[n] != FREE) & (self.owner[n] <= task)) for n, p in self.prunable(ctx.model).items()}
+
+    def probe_features(self, x: Tensor, task: int, ctx: Context) -> list[Tensor] | None:
+        """Each experience is probed through its own mask (the weights owned by it and earlier
+        tasks): the outputs of each block of the backbone's ``layers`` (an MLP's Linear+ReLU, a
+        CNN's Conv+ReLU+MaxPool, the last one after the pooling), as for an unmasked model."""
+        if not self.owner:
+            return None
+        backbone = ctx.model.backbone
+        layers = list(backbone.layers)
+        starts = [k for k, m in enumerate(layers) if isinstance(m, (nn.Linear, nn.Conv2d))]
+        ends = [layers[k - 1] for k in starts[1:]] + [layers[-1]]
+        hidden: list[Tensor] = []
+        handles = [m.register_forward_hook(lambda _m, _i, out: hidden.append(
+            out.mean(dim=(2, 3)) if out.dim() == 4 else out.flatten(1))) for m in ends]
+        try:
+            prefix = len("backbone.")
+            functional_call(backbone, {n[prefix:]: p for n, p in self._serving(task, ctx).items()}, (x,))
+        finally:
+            for h in handles:
+                h.remove()
+        return hidden
+
+    def probe_weights(self, task: int, ctx: Context) -> dict[str, Tensor] | None:
+        """The backbone weights ``task`` owns or inherits (biases are fixed after the first
+        experience) and its head (a task's own with one head per task), keyed hidden.<k> in the
+        order of the layers."""
+        if not self.owner:
+            return None
+        serving = self._serving(task, ctx)
+        weights: dict[str, Tensor] = {}
+        for k, (name, w) in enumerate(serving.items()):
+            bias = ctx.model.get_parameter(name.removesuffix("weight") + "bias")
+            weights |= {f"hidden.{k}.weight": w, f"hidden.{k}.bias": bias}
+        head = ctx.model.head.heads[task] if hasattr(ctx.model.head, "heads") else ctx.model.head
+        return weights | {f"head.{n}": p for n, p in head.named_parameters()}
+
     def state_dict(self) -> dict[str, Any]:
         return {"owner": self.owner}
 

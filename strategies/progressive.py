@@ -68,6 +68,16 @@ class ProgressiveNet(nn.Module):
         self.columns.append(Column(self.in_features, self.widths, len(self.task_classes[k]), k))
         return self.columns[-1]
 
+    def column_features(self, x: Tensor, task: int) -> list[Tensor]:
+        """The hidden outputs of ``task``'s column (the newest one for a task without a column yet)."""
+        x = x.flatten(1)
+        earlier: list[list[Tensor]] = [[] for _ in self.widths]
+        for column in self.columns[: min(task, len(self.columns) - 1) + 1]:
+            hidden, _ = column(x, earlier)
+            for l, h in enumerate(hidden):
+                earlier[l].append(h)
+        return hidden
+
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         x = x.flatten(1)
         # Zeros, not a mask value: a task without a column yet gets uniform scores (chance), and the
@@ -84,6 +94,7 @@ class ProgressiveNet(nn.Module):
 
 class Progressive(Strategy):
     Config = ProgressiveConfig
+    needs_hidden_layers = "builds columns of the MLP's hidden layers"
     scenarios = ("task-il",)
 
     def __init__(self, config: ProgressiveConfig):
@@ -102,6 +113,18 @@ class Progressive(Strategy):
         self.n_columns = len(net.columns)
         ctx.model = net.to(ctx.device)
         ctx.reset_optimizer(column.parameters())
+
+    def probe_features(self, x: Tensor, task: int, ctx: Context) -> list[Tensor]:
+        """Each experience is probed on its own column (the features that answer it)."""
+        return ctx.model.column_features(x, task)
+
+    def probe_weights(self, task: int, ctx: Context) -> dict[str, Tensor]:
+        """The weights of ``task``'s column: its layers (laterals included) and its head."""
+        column = ctx.model.columns[task]
+        weights = {f"hidden.{l}.{n}": p for l, layer in enumerate(column.layers) for n, p in layer.named_parameters()}
+        for l, lateral in enumerate(column.laterals or []):
+            weights[f"hidden.{l + 1}.lateral" if l + 1 < len(column.layers) else "head.lateral"] = lateral.weight
+        return weights | {f"head.{n}": p for n, p in column.head.named_parameters()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"columns": self.n_columns}

@@ -1,8 +1,10 @@
-"""Shared helpers: tiny real trials on scikit-learn's digits, ports, waiting, an MLflow server."""
+"""Shared helpers: tiny real trials on scikit-learn's digits, ports, waiting, an MLflow server,
+headless Chromium."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -92,6 +94,39 @@ def write_sweep_json(folder: Path, tracking_uri: str, parent_run_id: str = "0" *
 
     SweepDir(folder).write_meta(SweepMeta(sweep_id="s", spec={}, spec_hash="", tracking_uri=tracking_uri,
                                           experiment="e", parent_run_id=parent_run_id, trials=[]))
+
+
+# Browser tests need Chromium. Without one they are skipped, so the README's test command passes on
+# a fresh machine; CI (.ci/run) installs Chromium and sets REQUIRE_BROWSER=1, under which a missing
+# browser fails instead. CHROMIUM_ENV names the executable (or, set to a path that does not exist,
+# hides the installed one).
+REQUIRE_BROWSER, CHROMIUM_ENV = "CLGRID_REQUIRE_BROWSER", "CLGRID_CHROMIUM"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--enable-logging=stderr", "--v=0"]
+
+
+def chromium() -> str:
+    """The Chromium executable (``$CLGRID_CHROMIUM``, else the first on the PATH); skips the test,
+    or fails it under ``CLGRID_REQUIRE_BROWSER=1``, when there is none."""
+    named = os.environ.get(CHROMIUM_ENV)
+    names = [named] if named else ["chromium", "chromium-browser", "google-chrome"]
+    exe = next((found for name in names if (found := shutil.which(name))), None)
+    if exe is None:
+        reason = ("no Chromium on the PATH: install it to run the browser tests "
+                  "(Debian/Ubuntu: `apt-get update && apt-get install -y chromium`)")
+        if os.environ.get(REQUIRE_BROWSER) == "1":
+            pytest.fail(f"{reason}; {REQUIRE_BROWSER}=1 requires it")
+        pytest.skip(reason)
+    return exe
+
+
+def run_chromium(page: Path | str, tmp: Path, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Headless Chromium on a file or URL with a fresh profile in ``tmp``."""
+    profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
+    url = page.as_uri() if isinstance(page, Path) else page
+    cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
 
 
 class Exploit:

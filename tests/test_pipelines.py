@@ -31,7 +31,33 @@ def pairs(trials: list[specs.TrialSpec]) -> set[tuple[str, str]]:
 
 
 def test_the_bundled_pipelines_are_the_expected_ones() -> None:
-    assert {"quickstart", "baselines-split-mnist5k", "architectures-split-mnist5k", "paper-split-mnist"} <= set(BUNDLED)
+    assert {"quickstart", "baselines-split-mnist5k", "architectures-split-mnist5k", "paper-split-mnist",
+            "first-experiment", "first-experiment-mnist5k"} <= set(BUNDLED)
+
+
+# Digits 0-4 per source in the training split: mnist5k's counted here, full MNIST's from its
+# published class counts (5923 + 6742 + 5958 + 6131 + 5842; it cannot be downloaded here).
+FIRST_TASK_TRAIN = {"mnist5k": None, "mnist": 30_596}
+
+
+@pytest.mark.parametrize("name,source", [("first-experiment-mnist5k", "mnist5k"), ("first-experiment", "mnist")])
+def test_first_experiment_keeps_its_protocol(name: str, source: str) -> None:
+    """Digits 0-4 then 5-9, one linear layer, SGD lr 0.01, batch 64, one epoch each, 10 seeds;
+    naive against replay of 10% of the first experience's training samples."""
+    spec = specs.load_spec(name)
+    (bench,) = spec.benchmarks
+    assert (bench.source, bench.scenario, bench.experiences, bench.class_order) == (source, "class-il", 2, list(range(10)))
+    assert bench.download is (source == "mnist")
+    assert (spec.model.name, spec.model.hidden) == ("mlp", [])
+    assert (spec.train.epochs, spec.train.batch_size, spec.train.optimizer, spec.train.lr) == (1, 64, "sgd", 0.01)
+    assert spec.train.momentum == 0 and spec.train.weight_decay == 0
+    assert spec.seeds == list(range(10))
+    first_task = FIRST_TASK_TRAIN[source]
+    if first_task is None:
+        first_task = int((sources.load_source(source, "", False)[1] < 5).sum())
+    trials = trials_of(name)
+    assert {t.strategy.name for t in trials} == {"naive", "replay"}
+    assert {t.strategy.buffer_size for t in trials if t.strategy.name == "replay"} == {round(first_task / 10)}
 
 
 @pytest.mark.parametrize("name", BUNDLED)

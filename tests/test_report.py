@@ -7,8 +7,6 @@ import io
 import json
 import math
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from clgrid.report import ReportError, build_report
+from conftest import run_chromium
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "quickstart"
@@ -269,26 +268,10 @@ def test_no_finished_runs_raises(store, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # The HTML in a real browser
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--enable-logging=stderr", "--v=0"]
+# Chromium is found, or the test skipped, by conftest.chromium (run_chromium calls it).
 # Reports every <img> as decoded or not into the DOM, for --dump-dom to read back.
 IMAGE_PROBE = ("<script>addEventListener('load', () => document.body.setAttribute('data-images',"
                " [...document.images].map(i => i.complete && i.naturalWidth > 0).join(',')));</script>")
-
-
-def chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if exe is None:
-        pytest.fail("Chromium is required for the report rendering test: "
-                    "install it with `apt-get update && apt-get install -y chromium`")
-    return exe
-
-
-def run_chromium(page: Path, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
-    profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
-    cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, page.as_uri()]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True)
 
 
 def console_errors(stderr: str) -> list[str]:

@@ -113,6 +113,37 @@ def test_list_shows_strategies_with_their_parameters() -> None:
     assert "ewc_lambda" in proc.stdout and "mnist5k" in proc.stdout and "buffer_size" in proc.stdout
 
 
+def test_the_linear_model_is_an_mlp_without_hidden_layers(tmp_path: Path) -> None:
+    """`hidden: []` validates and builds Flatten + one Linear layer, which trains."""
+    from torch import nn
+
+    from clgrid.train.models import build_model
+    from clgrid.train.trainer import run_trial
+
+    spec = specs.parse_spec(__import__("yaml").safe_dump(tiny_spec([{"name": "naive"}], model={"name": "mlp", "hidden": []})))
+    (trial,) = specs.expand(spec)
+    model = build_model(trial.model, (1, 8, 8), 10, [(0, 1, 2, 3, 4), (5, 6, 7, 8, 9)], "class-il")
+    assert [type(m) for m in model.modules() if not isinstance(m, (type(model), nn.Sequential))] == [
+        type(model.backbone), nn.Flatten, nn.Linear]
+    assert (model.head.in_features, model.head.out_features) == (64, 10)
+    result = run_trial(trial, tmp_path / "linear")
+    assert len(result.R) == 2 and result.R[0][0] > 0.5
+
+
+def test_strategies_that_need_hidden_layers_are_refused_with_the_linear_model() -> None:
+    data = tiny_spec([{"name": "naive"}, {"name": "progressive"}, {"name": "hat"}], scenario="task-il",
+                     model={"name": "mlp", "hidden": []})
+    text = __import__("yaml").safe_dump(data)
+    line = {name: text.splitlines().index(f"- name: {name}") + 1 for name in ("progressive", "hat")}
+    with pytest.raises(specs.SpecError) as err:
+        specs.parse_spec(text, "lin.yaml")
+    assert err.value.problems == [
+        f"lin.yaml:{line['progressive']}: strategies.1.name: strategy 'progressive' builds columns of the MLP's "
+        "hidden layers; model.hidden is [] (the linear model): give the MLP at least one hidden layer",
+        f"lin.yaml:{line['hat']}: strategies.2.name: strategy 'hat' gates the MLP's hidden units; "
+        "model.hidden is [] (the linear model): give the MLP at least one hidden layer"]
+
+
 def test_unsupported_pairs_are_refused_or_skipped_when_asked() -> None:
     data = tiny_spec([{"name": "icarl"}, {"name": "naive"}])
     data["benchmarks"].append({"source": "digits", "scenario": "task-il", "experiences": 2})

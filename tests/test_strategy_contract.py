@@ -11,16 +11,56 @@ import pytest
 from annotated_types import Ge, Gt
 from pydantic import ValidationError
 
+from torch import nn
+
+from clgrid.spec import TrialSpec
 from clgrid.strategies import REGISTRY
+from clgrid.train import trainer
+from clgrid.train.models import CLModel, ModelSpec, MultiHead
 from clgrid.train.trainer import run_trial
 from conftest import REPO, tiny_trial
 
 CASES = [(name, scenario) for name, cls in sorted(REGISTRY.items()) for scenario in cls.scenarios]
 
 
+# Strategies that build their own task MLPs or mask weights per task refuse other backbones
+# (they say so with a ValueError); every other strategy must train a BatchNorm model.
+MLP_ONLY = {"den", "hat", "packnet", "progressive"}
+
+
+def batchnorm_model(spec: ModelSpec, input_shape: tuple[int, int, int], num_classes: int,
+                    task_classes: list[tuple[int, ...]], scenario: str) -> CLModel:
+    """A two-block conv net with BatchNorm: the ResNet-18's layer kinds at a size a test affords."""
+    blocks: list[nn.Module] = []
+    channels = input_shape[0]
+    for width, stride in ((8, 1), (16, 2)):
+        blocks += [nn.Conv2d(channels, width, 3, stride, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        channels = width
+    backbone = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    backbone.out_features = channels
+    if scenario == "task-il" and spec.heads == "multi":
+        return CLModel(backbone, MultiHead(channels, task_classes, num_classes))
+    return CLModel(backbone, nn.Linear(channels, num_classes))
+
+
 @pytest.mark.parametrize("name,scenario", CASES)
 def test_trains_two_experiences_and_resumes_exactly(name: str, scenario: str, tmp_path: Path) -> None:
-    trial = tiny_trial({"name": name}, scenario)
+    trains_and_resumes_exactly(tiny_trial({"name": name}, scenario), tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_trains_a_batchnorm_model_and_resumes_exactly(name: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trainer, "build_model", batchnorm_model)
+    trial = tiny_trial({"name": name}, REGISTRY[name].scenarios[0])
+    if name in MLP_ONLY:
+        with pytest.raises(ValueError, match="MLP|batch-norm"):
+            run_trial(trial, tmp_path / "full")
+        return
+    trains_and_resumes_exactly(trial, tmp_path)
+
+
+def trains_and_resumes_exactly(trial: TrialSpec, tmp_path: Path) -> None:
     full = run_trial(trial, tmp_path / "full")
     assert len(full.R) == 2 and all(len(row) == 2 for row in full.R)
     assert all(0.0 <= a <= 1.0 for row in full.R for a in row)

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
 from clgrid.report.collect import FINISHED, Trial
 from clgrid.report.stats import ALPHA, paired_p_value, summarize
+from clgrid.tracking.runs import flat_params
 from clgrid.train import metrics
+
+T = TypeVar("T")
 
 JOINT = "joint"
 STORAGE_PARTS = ("replay_bytes", "strategy_state_bytes", "model_bytes")
@@ -72,6 +76,22 @@ COLUMN = {c.key: c for c in COLUMNS}
 class Label:
     text: str
     varying: dict[str, str]  # the parameters the grid varies among the strategy's configurations
+
+
+def label_trials(trials: Iterable[T], spec_of: Callable[[T], Any]) -> list[tuple[str, str, list[tuple[Label, list[T]]]]]:
+    """Trials grouped as the report groups runs, for the CLI's table and the MLflow run names:
+    (benchmark, scenario, [(label, the configuration's trials) in table order]) per group, sorted.
+    ``spec_of(item)`` is the item's TrialSpec (labels come from its flat_params, as in MLflow)."""
+    groups: dict[tuple[str, str], dict[str, list[T]]] = defaultdict(lambda: defaultdict(list))
+    for item in trials:
+        trial = spec_of(item)
+        groups[(trial.benchmark.id, trial.benchmark.scenario)][trial.config_key].append(item)
+    out = []
+    for (benchmark, scenario), by_config in sorted(groups.items()):
+        labels = label_configs({key: (spec_of(items[0]).strategy.name, [flat_params(spec_of(i)) for i in items])
+                                for key, items in by_config.items()})
+        out.append((benchmark, scenario, [(label, by_config[key]) for key, label in labels.items()]))
+    return out
 
 
 def label_configs(configs: Mapping[str, tuple[str, Sequence[Mapping[str, str]]]]) -> dict[str, Label]:

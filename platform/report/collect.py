@@ -12,7 +12,7 @@ import json
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -23,8 +23,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from clgrid.tracking.schema import (
-    BENCHMARK, CONFIG_KEY, MATRIX_JSON, PARENT, ROLE, SCENARIO, SEED, STRATEGY, SWEEP, SWEEP_ID, TRIAL, client,
-    search, with_retries,
+    BENCHMARK, CKA_JSON, CONFIG_KEY, MATRIX_JSON, PARENT, PROBE_MATRIX_JSON, ROLE, SCENARIO, SEED, STRATEGY, SWEEP,
+    SWEEP_ID, TRIAL, WEIGHT_DRIFT_JSON, client, search, with_retries,
 )
 from clgrid.train import metrics
 
@@ -58,6 +58,7 @@ class Trial:
     metrics: dict[str, float]
     matrix: Matrix | None  # finished runs with a usable accuracy_matrix.json
     matrix_problem: str | None  # finished runs without one: why
+    probes: dict[str, dict] = field(default_factory=dict)  # probe artifact file name -> its JSON
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,12 @@ def collect(uri: str, experiment: str, sweep_id: str | None) -> Sweep:
     parent = _find_sweep(uri, exp.experiment_id, experiment, sweep_id)
     query = f"tags.`{ROLE}` = '{TRIAL}'" + (f" and tags.`{PARENT}` = '{parent.info.run_id}'" if parent else "")
     runs = search(uri, exp.experiment_id, query, order_by=NEWEST_FIRST)
-    matrices = _read_matrices(c, [r for r in runs if r.info.status == FINISHED])
+    finished = [r for r in runs if r.info.status == FINISHED]
+    matrices = _read_matrices(c, finished)
+    probes = _read_probes(c, [r for r in finished if "probe_seconds" in r.data.metrics])
     sweep = Sweep(experiment, parent.data.tags.get(SWEEP_ID, "?") if parent else None,
-                  parent.info.run_id if parent else None, [_trial(r, matrices.get(r.info.run_id)) for r in runs])
+                  parent.info.run_id if parent else None,
+                  [_trial(r, matrices.get(r.info.run_id), probes.get(r.info.run_id, {})) for r in runs])
     _check_finished(sweep)
     return sweep
 
@@ -109,7 +113,7 @@ def _check_finished(sweep: Sweep) -> None:
                       "nothing to report. Wait for the sweep, resume it, or pass another sweep id.")
 
 
-def _trial(run: Run, matrix: Matrix | str | None) -> Trial:
+def _trial(run: Run, matrix: Matrix | str | None, probes: dict[str, dict]) -> Trial:
     tags, info, params = run.data.tags, run.info, run.data.params
     return Trial(
         run_id=info.run_id, status=info.status, end_time=info.end_time or 0,
@@ -120,7 +124,7 @@ def _trial(run: Run, matrix: Matrix | str | None) -> Trial:
         config_key=tags.get(CONFIG_KEY, info.run_id),
         params=dict(params), metrics=dict(run.data.metrics),
         matrix=matrix if isinstance(matrix, Matrix) else None,
-        matrix_problem=matrix if isinstance(matrix, str) else None,
+        matrix_problem=matrix if isinstance(matrix, str) else None, probes=probes,
     )
 
 
@@ -132,12 +136,28 @@ def _read_matrices(c: MlflowClient, runs: list[Run]) -> dict[str, Matrix | str]:
 
 def _matrix(c: MlflowClient, run: Run, tmp: Path) -> Matrix | str:
     try:
-        return _parse_matrix(_matrix_text(c, run, tmp))
+        return _parse_matrix(_artifact_text(c, run, tmp, MATRIX_JSON))
     except (MlflowException, OSError, ValueError, KeyError, TypeError) as e:
         return f"no usable {MATRIX_JSON} ({type(e).__name__}): logged metrics used"
 
 
-def _matrix_text(c: MlflowClient, run: Run, tmp: Path) -> str:
+def _read_probes(c: MlflowClient, runs: list[Run]) -> dict[str, dict[str, dict]]:
+    """run id -> its probe artifacts (runs with probes on); a missing or broken file is left out:
+    the report's drift section then shows the logged metrics alone."""
+    def read(run: Run, tmp: Path) -> dict[str, dict]:
+        found = {}
+        for name in (PROBE_MATRIX_JSON, CKA_JSON, WEIGHT_DRIFT_JSON):
+            try:
+                found[name] = json.loads(_artifact_text(c, run, tmp, name))
+            except (MlflowException, OSError, ValueError):
+                pass
+        return found
+
+    with tempfile.TemporaryDirectory(prefix="clgrid-report-") as tmp, ThreadPoolExecutor(DOWNLOAD_THREADS) as pool:
+        return dict(zip((r.info.run_id for r in runs), pool.map(lambda r: read(r, Path(tmp)), runs)))
+
+
+def _artifact_text(c: MlflowClient, run: Run, tmp: Path, name: str) -> str:
     """Read in place from a local artifact store: MLflow's download costs two run lookups and a copy.
 
     Anything else (a server, a missing file) goes through MLflow, whose error then names the problem.
@@ -145,10 +165,10 @@ def _matrix_text(c: MlflowClient, run: Run, tmp: Path) -> str:
     would stall the whole report over one unsynced run."""
     parsed = urlparse(run.info.artifact_uri)
     if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
-        local = Path(url2pathname(parsed.path)) / MATRIX_JSON
+        local = Path(url2pathname(parsed.path)) / name
         if local.is_file():
             return local.read_text()
-    return Path(c.download_artifacts(run.info.run_id, MATRIX_JSON, str(tmp / run.info.run_id))).read_text()
+    return Path(c.download_artifacts(run.info.run_id, name, str(tmp / run.info.run_id))).read_text()
 
 
 def _parse_matrix(text: str) -> Matrix:

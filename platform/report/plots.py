@@ -164,6 +164,7 @@ def _figures(cfgs: list[Config]) -> list[tuple[str, str, Callable[..., Figure], 
     if mats:
         figures += [("matrices", "Accuracy matrices (mean over seeds)", heatmap_figure, (mats,)),
                     ("stream", "Accuracy on each experience over the stream (mean over seeds)", stream_figure, (mats,))]
+    figures += _drift_figures(cfgs)
     by_strategy: dict[str, list[Config]] = defaultdict(list)
     for c in cfgs:
         by_strategy[c.strategy].append(c)
@@ -184,6 +185,60 @@ def _slug(text: str) -> str:
 def _series(configs: list[Config], key: str, scale: float = 1.0) -> Series:
     sums = [c.summary(key) for c in configs]
     return [m * scale for m, _ in sums], [h * scale for _, h in sums]
+
+
+def cka_figure(maps: Sequence[tuple[str, np.ndarray, Sequence[str]]]) -> Figure:
+    """Per configuration, CKA of each layer (rows) between each old experience's probe set right after
+    it was learned and at the end of the stream (columns): 1 = the representation did not change."""
+    fig, axes = _panel_grid(len(maps), (3.6, 2.4))
+    for ax, (label, c, layers) in zip(axes, maps):
+        im = ax.imshow(c, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for (i, j), v in np.ndenumerate(c):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="black" if v > 0.6 else "white")
+        ax.set_xticks(range(c.shape[1]), [str(j) for j in range(c.shape[1])], fontsize=7)
+        ax.set_yticks(range(c.shape[0]), layers, fontsize=7)
+        ax.set_xlabel("experience (probe set)")
+        ax.set_title(label, fontsize=9)
+    fig.colorbar(im, ax=axes.tolist(), shrink=0.6, label="CKA at the end vs when learned")
+    return fig
+
+
+def drift_figure(series: Sequence[tuple[str, dict[str, np.ndarray]]]) -> Figure:
+    """Per configuration, each layer's relative weight drift after every experience."""
+    fig, axes = _panel_grid(len(series), (3.8, 3.0))
+    for ax, (label, by_layer) in zip(axes, series):
+        for layer, d in by_layer.items():
+            ax.plot(np.arange(1, len(d) + 1), d, marker=".", label=layer)
+        ax.set_xlabel("after experience")
+        ax.set_ylabel("||Δθ|| / ||θ||")
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _mean_probe(configs: list[Config], name: str, pick: Callable[[dict], np.ndarray]) -> list[tuple[Config, np.ndarray, dict]]:
+    """(config, mean over its seeds of ``pick(artifact)``, one artifact) where the artifact exists."""
+    out = []
+    for c in configs:
+        found = [t.probes[name] for t in c.by_seed.values() if name in t.probes]
+        arrays = [np.asarray(pick(a), dtype=float) for a in found]
+        if arrays and all(a.shape == arrays[0].shape for a in arrays) and arrays[0].size:
+            out.append((c, np.mean(arrays, axis=0), found[0]))
+    return out
+
+
+def _drift_figures(cfgs: list[Config]) -> list[tuple[str, str, Callable[..., Figure], tuple]]:
+    figures: list[tuple[str, str, Callable[..., Figure], tuple]] = []
+    ckas = _mean_probe(cfgs, "cka.json", lambda a: [[np.nan if v is None else v for v in layer[-1][:-1]] for layer in a["C"]])
+    if ckas:
+        figures.append(("cka", "Representation similarity (linear CKA) of each layer at the end vs when each "
+                        "experience was learned (mean over seeds)", cka_figure,
+                        ([(c.label, m, a["layers"]) for c, m, a in ckas],)))
+    drifts = _mean_probe(cfgs, "weight_drift.json", lambda a: a["drift"])
+    if drifts:
+        figures.append(("weight-drift", "Weight drift per layer over the stream (mean over seeds)", drift_figure,
+                        ([(c.label, dict(zip(a["layers"], m))) for c, m, a in drifts],)))
+    return figures
 
 
 def _mean_matrices(configs: list[Config]) -> list[tuple[str, np.ndarray, list[str]]]:

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from clgrid.report.aggregate import COLUMNS, Budget, Cell, Column, Config, Group, Issue
 from clgrid.report.collect import Sweep
 from clgrid.report.plots import Image
+from clgrid.report.stats import summarize
 
 Section = tuple[Group, list[Image]]
 
@@ -60,6 +61,33 @@ def _budget_text(budget: Budget, bold: Callable[[str], str], escape: Callable[[s
     return escape(budget.text) + bold(escape(budget.best.label)) + escape(budget.detail)
 
 
+DRIFT_TITLE = "Representation drift: head forgetting (R) beside representation forgetting (P)"
+DRIFT_NOTE = ("P: linear probes fitted on frozen penultimate features after each experience (Davari et al. 2022); "
+              "CKA: the layer's representation of each old experience's probe set at the end vs when it was "
+              "learned, mean over old experiences (1 = unchanged); weight drift: ||Δθ|| / ||θ|| of the layer "
+              "during the last experience; prototype drift: how far old classes' feature means moved, over the "
+              "mean feature norm. Progressive, PackNet, HAT and DEN are probed on each experience's own "
+              "column or mask. Mean ± 95% CI over seeds.")
+DRIFT_FIRST = ["forgetting", "probe_forgetting", "acc", "probe_acc", "probe_acc_all_seen"]
+
+
+def drift_table(group: Group) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the group's drift table; no rows when no configuration ran probes."""
+    probed = [c for c in group.configs if any("probe_seconds" in t.metrics for t in c.by_seed.values())]
+    keys = sorted({k for c in probed for t in c.by_seed.values() for k in t.metrics
+                   if k.startswith(("cka_", "weight_drift_")) or k == "prototype_drift"})
+    keys = [k for k in DRIFT_FIRST if any(k in t.metrics for c in probed for t in c.by_seed.values())] + keys
+    rows = []
+    for c in probed:
+        cells = []
+        for k in keys:
+            values = [t.metrics[k] for t in c.by_seed.values() if k in t.metrics]
+            mean, hw = summarize(values)
+            cells.append(f"{mean:.3f} ± {hw:.3f}" if values else "")
+        rows.append([c.label, *cells])
+    return ["configuration", *keys], rows
+
+
 def _issue_rows(issues: list[Issue]) -> list[list[str]]:
     return [[i.group, i.label, i.seed, i.run_id, i.problem] for i in issues]
 
@@ -90,6 +118,10 @@ def markdown(experiment: str, intro_text: str, sections: list[Section], issues: 
     for g, images in sections:
         out += [f"## {g.title}", "", *_md_table(g), "", "### Best under a budget", "",
                 _budget_text(g.budget, lambda s: f"**{s}**", _md_escape), ""]
+        head, rows = drift_table(g)
+        if rows:
+            out += [f"### {DRIFT_TITLE}", "", DRIFT_NOTE, "", _md_row(head), "|" + "---|" * len(head),
+                    *(_md_row([_md_escape(x) for x in row]) for row in rows), ""]
         out += [line for img in images for line in (f"### {img.title}", "", f"![{img.title}]({img.path.name})", "")]
     out += ["## Missing or failed runs", ""]
     if issues:
@@ -132,6 +164,11 @@ def html(experiment: str, intro_text: str, sections: list[Section], issues: list
     for g, images in sections:
         body += [f"<h2>{e(g.title)}</h2>", _html_results(g), "<h3>Best under a budget</h3>",
                  f"<p>{_budget_text(g.budget, lambda s: f'<strong>{s}</strong>', e)}</p>"]
+        head, rows = drift_table(g)
+        if rows:
+            body += [f"<h3>{e(DRIFT_TITLE)}</h3>", f"<p><small>{e(DRIFT_NOTE)}</small></p>", _html_table(head, [
+                "<tr>" + "".join(f"<td class='label'>{e(x)}</td>" if i == 0 else f"<td>{e(x)}</td>"
+                                 for i, x in enumerate(row)) + "</tr>" for row in rows])]
         for img in images:
             data = base64.b64encode(img.png).decode("ascii")
             body += [f"<h3>{e(img.title)}</h3>", f"<img alt='{e(img.title)}' src='data:image/png;base64,{data}'>"]

@@ -82,7 +82,7 @@ def expand(spec: PipelineSpec) -> list[TrialSpec]:
         TrialSpec(
             pipeline=spec.name, experiment=spec.experiment, spec_hash=spec_hash, benchmark=bench,
             strategy=config, model=spec.model, train=spec.train, seed=seed,
-            resources=spec.resources, storage=spec.storage,
+            resources=spec.resources, storage=spec.storage, probes=spec.probes,
         )
         for entry, kept in benchmarks.items()
         for config in strategy_points(spec.strategies[entry])

@@ -72,6 +72,10 @@ def semantic_problems(spec: PipelineSpec) -> list[tuple[tuple, str]]:
             problems.append((("strategies", pair.entry, "name"),
                              f"strategy '{pair.grid.name}' supports {', '.join(scenarios)}; benchmarks.{pair.index} "
                              f"({pair.benchmark.id}) is {pair.benchmark.scenario} (set `unsupported: skip` to skip such pairs)"))
+    if spec.model.name == "mlp" and not spec.model.hidden:
+        problems += [(("strategies", i, "name"), f"strategy '{grid.name}' {why}; model.hidden is [] (the linear "
+                      "model): give the MLP at least one hidden layer")
+                     for i, grid in enumerate(spec.strategies) if (why := REGISTRY[grid.name].needs_hidden_layers)]
     n_trials = trial_count(spec)
     if n_trials > spec.max_trials:
         configs = sum(grid_size(grid) for grid in spec.strategies)

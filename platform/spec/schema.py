@@ -20,6 +20,7 @@ from clgrid.benchmarks import BenchmarkSpec
 from clgrid.strategies import REGISTRY, StrategyConfig
 from clgrid.sweep import layout
 from clgrid.train.models import ModelSpec
+from clgrid.train.probes import ProbesSpec
 
 MAX_TRIALS_DEFAULT = 10_000
 MAX_TRIALS_LIMIT = 1_000_000  # the largest max_trials a spec may ask for: beyond it no sweep is meant
@@ -128,6 +129,7 @@ class PipelineSpec(Strict):
     tracking: TrackingSpec = TrackingSpec()
     storage: StorageSpec = StorageSpec()
     report: ReportSpec = ReportSpec()
+    probes: ProbesSpec = ProbesSpec()
     max_trials: int = Field(MAX_TRIALS_DEFAULT, ge=1, le=MAX_TRIALS_LIMIT, description="refuse grids larger than this")
     unsupported: Literal["error", "skip"] = Field(
         "error", description="a strategy paired with a benchmark whose scenario it does not apply to: "
@@ -146,8 +148,10 @@ class PipelineSpec(Strict):
         """Hash of what the sweep computes. Where it stores and logs, how many trials run at once
         and how often they retry do not change it, so `clgrid resume SPEC --max-concurrent 4` still
         finds the sweep that `clgrid run SPEC --max-concurrent 2` started."""
-        operational = {"resources": {"max_concurrent", "max_failures"}, "storage": {"root"},
-                       "tracking": True, "report": True}
+        operational: dict[str, Any] = {"resources": {"max_concurrent", "max_failures"}, "storage": {"root"},
+                                       "tracking": True, "report": True}
+        if not self.probes.enabled:  # a spec without probes keeps the hash it had before they existed
+            operational["probes"] = True
         return digest(self.model_dump(mode="json", exclude=operational))
 
 
@@ -164,6 +168,7 @@ class TrialSpec(Strict):
     seed: int
     resources: ResourcesSpec
     storage: StorageSpec
+    probes: ProbesSpec = ProbesSpec()  # measured, not trained: in neither config_key nor trial_key
 
     @property
     def config_key(self) -> str:

@@ -27,9 +27,10 @@ from typing import Any, Iterator
 from ray import tune
 
 from clgrid import fsio, tracking
+from clgrid.report.aggregate import label_trials, short
 from clgrid.spec import PipelineSpec, TrialSpec, expand
 from clgrid.sweep import liveness, outbox
-from clgrid.sweep.layout import SweepDir, SweepMeta, SweepTrial, check_storage
+from clgrid.sweep.layout import SweepDir, SweepMeta, SweepTrial, check_storage, reports_dir
 from clgrid.sweep.trial import FAULT_ENV, TrialConfig, trainable
 
 
@@ -70,7 +71,12 @@ def prepare(spec: PipelineSpec, sweep_id: str | None = None) -> Path:
     uri = spec.tracking_uri
     root.mkdir(parents=True, exist_ok=True)
     exp_id = tracking.experiment_id(uri, spec.experiment, str(root))
-    parent, run_ids = tracking.start_sweep(uri, exp_id, sweep_id, spec.spec_hash, trials)
+    note = (f"Sweep {sweep_id} of the pipeline spec `{spec.name}` (spec hash {spec.spec_hash}): {len(trials)} "
+            f"trials, one child run each. Report: {reports_dir(root, spec.experiment) / 'report.html'} (written "
+            f"when `clgrid run` ends; `clgrid report {spec.experiment} --storage {root}` rebuilds it), also "
+            "attached to this run.")
+    parent, run_ids = tracking.start_sweep(uri, exp_id, sweep_id, spec.spec_hash, trials, names=run_names(trials),
+                                           note=note)
     folder.write_meta(SweepMeta(
         sweep_id=sweep_id, spec=spec.model_dump(mode="json"), spec_hash=spec.spec_hash, tracking_uri=uri,
         experiment=spec.experiment, parent_run_id=parent,
@@ -78,6 +84,22 @@ def prepare(spec: PipelineSpec, sweep_id: str | None = None) -> Path:
                 for t in trials],
     ))
     return folder.path
+
+
+def run_names(trials: list[TrialSpec]) -> dict[str, str]:
+    """Child run names by trial key: ``<configuration label>-seed<k>`` with the report's label
+    (``replay-buffer_size=200-seed1``), led by the benchmark and scenario when the sweep has several.
+    A label depends on what varies across the whole grid, so names are made here, from all trials."""
+    groups = label_trials(trials, lambda t: t)
+    names = {}
+    for benchmark, scenario, configs in groups:
+        lead = [f"{benchmark}-{scenario}"] if len(groups) > 1 else []
+        for label, ts in configs:
+            parts = [*lead, ts[0].strategy.name, *(f"{short(k)}={v}" for k, v in label.varying.items())]
+            if label.text.endswith(f"[{ts[0].config_key[:8]}]"):  # the report's mark of labels that would collide
+                parts.append(ts[0].config_key[:8])
+            names.update({t.trial_key: "-".join([*parts, f"seed{t.seed}"]) for t in ts})
+    return names
 
 
 def prepare_and_connect(spec: PipelineSpec, address: str | None) -> Path:
@@ -182,7 +204,9 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
     ended = outbox.Outbox.open(folder, parent)
     ended.status = None  # an earlier driver's end that the server missed: this driver will end the run
     ended.save()
-    with liveness.Heartbeat(uri, parent):
+    # Ray Tune's default CSV, JSON and TensorBoard loggers write files nothing reads, and the last
+    # prints a "To visualize your results with TensorBoard" hint; trials keep their own results.
+    with liveness.Heartbeat(uri, parent), _environment({"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}):
         tuner.fit()
     outcomes = []
     for t in meta.trials:

@@ -7,7 +7,8 @@ before it is uploaded, so the folder is the durable record and MLflow holds copi
   experience so far; ``tracking.experience_metrics`` turns one into its MLflow metrics, step = the
   experience index);
 - the final metrics, R and b: ``result.json``;
-- the accuracy matrix artifacts: ``artifacts/accuracy_matrix.{json,png}``;
+- the artifacts: ``artifacts/accuracy_matrix.{json,png}`` and, with probes, their JSON files
+  (``matrix`` below stands for all of them);
 - params and tags: the trial's config in the sweep's ``sweep.json`` (the driver logs them when it
   creates the run, before any trial starts).
 

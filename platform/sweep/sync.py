@@ -16,6 +16,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from clgrid import tracking
+from clgrid.tracking import runs
 from clgrid.errors import UsageError
 from clgrid.sweep import liveness
 from clgrid.sweep.layout import SweepDir, SweepMeta
@@ -76,9 +77,10 @@ def _upload(uri: str, box: Outbox, done: Synced) -> None:
             done.points += len(missing)
             box.steps.discard(step)
             box.save()
-    if box.matrix:
-        tracking.upload_matrix(uri, box.run_id, box.folder.artifacts)
-        done.artifacts += len(tracking.MATRIX_FILES)
+    if box.matrix:  # the artifacts folder's files: the matrix and, with probes, theirs
+        names = runs.artifact_files(box.folder.artifacts)
+        runs.upload_files(uri, box.run_id, box.folder.artifacts, names)
+        done.artifacts += len(names)
         box.matrix = False
         box.save()
     if box.status:

@@ -7,18 +7,25 @@ reports that result at once. Otherwise the trainer continues from the folder's l
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from pydantic import BaseModel
 from ray import tune
 
-from clgrid import fsio
+from clgrid import fsio, tracking
 from clgrid.sweep.layout import SweepDir, SweepTrial, TrialDir
 from clgrid.sweep.trial_logger import TrialLogger
+
+if TYPE_CHECKING:
+    from mlflow.entities import Dataset
+
+    from clgrid.spec import TrialSpec
 
 FAULT_ENV = "CLGRID_FAULT_ONCE"  # test hook: see _inject_fault
 
@@ -56,13 +63,53 @@ def trainable(point: dict[str, Any]) -> None:
 
     _mark_attempt(folder)
     try:
+        dataset = benchmark_dataset(trial)  # unreadable data fails the trial here, as in the trainer
+        # A server away since start() is waited for once, not again here; a dataset input it misses
+        # costs the run its Dataset column only (clgrid sync does not upload it), never the trial.
+        if log.online:
+            with contextlib.suppress(Exception):
+                tracking.log_dataset(config.tracking_uri, config.trial.run_id, dataset, config.retry_seconds)
         result = trainer.run_trial(trial, folder.path, on_experience=on_experience)
     except BaseException:
         log.end("FAILED")
         raise
     log.matrix(result.R, result.b)
+    log.probes(result.probes)
     fsio.write_json(folder.result, {"metrics": {**result.metrics, **result.costs}, "R": result.R, "b": result.b})
     log.end("FINISHED")
+
+
+def benchmark_dataset(trial: TrialSpec) -> Dataset:
+    """The trial's benchmark as an MLflow dataset: its digest covers the identity of every sample in
+    every experience (the source's labels, which of its samples each experience holds and how a
+    domain-IL experience transforms them), so two trials share a dataset exactly when they see the
+    same stream. Reads the source (cached for the trainer), not the stream: no transformed copies."""
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from clgrid.benchmarks.scenarios import class_groups
+    from clgrid.benchmarks.sources import load_source
+
+    b = trial.benchmark
+    train_x, train_y, test_x, test_y = load_source(b.source, b.data_root, b.download)
+    layout: dict[str, Any] = {"scenario": b.scenario, "experiences": []}
+    digest = hashlib.sha256(b.model_dump_json(exclude={"data_root", "download"}).encode())
+    if b.splits_classes:
+        for group in class_groups(b, trial.seed):
+            picked = [(y.unsqueeze(1) == y.new_tensor(group)).any(1) for y in (train_y, test_y)]
+            layout["experiences"].append({"classes": list(group), "train": int(picked[0].sum()),
+                                          "test": int(picked[1].sum())})
+            for y, mask in zip((train_y, test_y), picked):
+                digest.update(y[mask].numpy().tobytes() + mask.nonzero().numpy().tobytes())
+    else:
+        layout["domain"] = b.domain
+        layout["experiences"] = [{"train": len(train_y), "test": len(test_y)}] * b.experiences
+        for y in (train_y, test_y):
+            digest.update(y.numpy().tobytes())
+        digest.update(str(b.permutation_seed if b.permutation_seed is not None else trial.seed).encode())
+    schema = Schema([TensorSpec(train_x.numpy().dtype, (-1, *train_x.shape[1:]), "image"),
+                     TensorSpec(train_y.numpy().dtype, (-1,), "label")])
+    source = {"source": b.source} if b.source in ("digits", "mnist5k") else {"source": b.source, "data_root": b.data_root}
+    return tracking.benchmark_dataset(b.id, digest.hexdigest()[:12], source, schema.to_json(), layout)
 
 
 def _mark_attempt(folder: TrialDir) -> None:

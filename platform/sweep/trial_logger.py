@@ -1,7 +1,7 @@
 """One trial's MLflow logging, which never stops the trial.
 
-What it logs is on disk first: each experience's report in ``history.json``, the matrix files in
-``artifacts/``; so whatever an upload misses, ``clgrid sync`` finds in the folder.
+What it logs is on disk first: each experience's report in ``history.json``, the matrix (and probe)
+files in ``artifacts/``; so whatever an upload misses, ``clgrid sync`` finds in the folder.
 
 Each upload retries with backoff for the trial's budget (``tracking.with_retries``). When one still
 fails, the logger goes offline for the rest of this attempt: the trial keeps training, and what it
@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from clgrid import fsio, tracking
+from clgrid.tracking import runs
 from clgrid.sweep.layout import TrialDir
 from clgrid.sweep.outbox import Outbox, describe
 
@@ -69,6 +70,17 @@ class TrialLogger:
         tracking.write_matrix(folder, R, b)  # on disk first: the upload may fail, the file stays
         uploaded = self._upload(lambda: tracking.upload_matrix(self.uri, self.run_id, folder, self.seconds))
         self._update(matrix=not uploaded)
+
+    def probes(self, artifacts: dict[str, Any]) -> None:
+        """The probes' JSON artifacts, on disk first. A failed upload holds the run open like the
+        matrix's does; the files stay in ``artifacts/``."""
+        if not artifacts:
+            return
+        folder = self.folder.artifacts
+        names = runs.write_probes(folder, artifacts)
+        uploaded = self._upload(lambda: runs.upload_files(self.uri, self.run_id, folder, names, self.seconds))
+        if not uploaded:
+            self._update(matrix=True)
 
     def end(self, status: str) -> None:
         """Ends the run; FINISHED waits in the outbox while anything else does."""

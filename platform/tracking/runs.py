@@ -15,15 +15,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 
 from clgrid import fsio
 from clgrid.tracking import matrix_png
 from clgrid.tracking.schema import (
-    BENCHMARK, CONFIG_KEY, MATRIX_FILES, MATRIX_JSON, MATRIX_PNG, PARENT, ROLE, RUN_NAME, SCENARIO, SEED,
-    SPEC_HASH, STRATEGY, SWEEP, SWEEP_ID, TRIAL, TRIAL_KEY, client, local_artifact_root, with_retries,
+    BENCHMARK, CONFIG_KEY, DATASET_CONTEXT, EXPERIMENT_KIND, MATRIX_FILES, MATRIX_JSON, MATRIX_PNG, NOTE, PARENT,
+    PROBE_FILES, ROLE, RUN_NAME, SCENARIO, SEED, SPEC_HASH, STRATEGY, SWEEP, SWEEP_ID, TRAIN_CONTEXT, TRAINING, TRIAL, TRIAL_KEY,
+    client, local_artifact_root, with_retries,
 )
 
 if TYPE_CHECKING:  # runs take TrialSpecs from the driver; importing the spec would import torch
@@ -33,11 +34,16 @@ MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 
 
 def experiment_id(uri: str, name: str, storage_root: str) -> str:
+    """The experiment's id, created if needed, of the training kind (an experiment an older clgrid
+    created gets the kind; one a user gave another kind keeps it)."""
     c = client(uri)
     found = with_retries(lambda: c.get_experiment_by_name(name))
-    if found is not None:
-        return found.experiment_id
-    return with_retries(lambda: c.create_experiment(name, artifact_location=local_artifact_root(uri, storage_root)))
+    if found is None:
+        return with_retries(lambda: c.create_experiment(name, artifact_location=local_artifact_root(uri, storage_root),
+                                                        tags={EXPERIMENT_KIND: TRAINING}))
+    if EXPERIMENT_KIND not in found.tags:
+        with_retries(lambda: c.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, TRAINING))
+    return found.experiment_id
 
 
 def flat_params(trial: TrialSpec) -> dict[str, str]:
@@ -57,10 +63,10 @@ def flat_params(trial: TrialSpec) -> dict[str, str]:
     return out
 
 
-def trial_tags(trial: TrialSpec, sweep_id: str, parent_run_id: str) -> dict[str, str]:
+def trial_tags(trial: TrialSpec, sweep_id: str, parent_run_id: str, run_name: str | None = None) -> dict[str, str]:
     return {
         PARENT: parent_run_id,
-        RUN_NAME: trial.label,
+        RUN_NAME: run_name or trial.label,
         ROLE: TRIAL,
         SWEEP_ID: sweep_id,
         STRATEGY: trial.strategy.name,
@@ -73,18 +79,41 @@ def trial_tags(trial: TrialSpec, sweep_id: str, parent_run_id: str) -> dict[str,
     }
 
 
-def start_sweep(uri: str, exp_id: str, sweep_id: str, spec_hash: str, trials: list[TrialSpec]) -> tuple[str, dict[str, str]]:
-    """Creates the sweep's parent run and one child run per trial; returns their ids."""
+def start_sweep(uri: str, exp_id: str, sweep_id: str, spec_hash: str, trials: list[TrialSpec], *,
+                names: Mapping[str, str] | None = None, note: str = "") -> tuple[str, dict[str, str]]:
+    """Creates the sweep's parent run (``note``: its description) and one child run per trial, named
+    ``names[trial_key]`` (default: the trial's label); returns their ids."""
     c = client(uri)
     parent = with_retries(lambda: c.create_run(exp_id, run_name=f"sweep-{sweep_id}", tags={
-        ROLE: SWEEP, SWEEP_ID: sweep_id, SPEC_HASH: spec_hash}))
+        ROLE: SWEEP, SWEEP_ID: sweep_id, SPEC_HASH: spec_hash, **({NOTE: note} if note else {})}))
     run_ids = {}
     for trial in trials:
-        run = with_retries(lambda: c.create_run(exp_id, tags=trial_tags(trial, sweep_id, parent.info.run_id)))
+        name = (names or {}).get(trial.trial_key)
+        run = with_retries(lambda: c.create_run(exp_id, tags=trial_tags(trial, sweep_id, parent.info.run_id, name)))
         params = [Param(k, v) for k, v in flat_params(trial).items()]
         with_retries(lambda: c.log_batch(run.info.run_id, params=params))
         run_ids[trial.trial_key] = run.info.run_id
     return parent.info.run_id, run_ids
+
+
+def benchmark_dataset(name: str, digest: str, source: dict[str, str], schema: str,
+                      profile: dict[str, Any]) -> Dataset:
+    """A benchmark as an MLflow dataset: ``source`` says where its samples come from, ``schema`` is
+    MLflow's JSON schema of the samples, ``profile`` the experience layout. The UI's Dataset column
+    and filter show the name and digest."""
+    return Dataset(name=name, digest=digest, source_type="clgrid", source=json.dumps(source), schema=schema,
+                   profile=json.dumps(profile))
+
+
+def log_dataset(uri: str, run_id: str, dataset: Dataset, seconds: float | None = None) -> None:
+    """``dataset`` as the run's training input, once: a run that has it (a retried or resumed
+    trial's) is left as it is."""
+    c = client(uri)
+    inputs = with_retries(lambda: c.get_run(run_id), seconds).inputs.dataset_inputs
+    if any((i.dataset.name, i.dataset.digest) == (dataset.name, dataset.digest) for i in inputs):
+        return
+    logged = DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT, TRAIN_CONTEXT)])
+    with_retries(lambda: c.log_inputs(run_id, datasets=[logged]), seconds)
 
 
 def logged_steps(uri: str, run_id: str, seconds: float | None = None) -> set[int]:
@@ -126,8 +155,12 @@ def write_matrix(folder: Path, R: list[list[float]], b: list[float]) -> None:
 
 def upload_matrix(uri: str, run_id: str, folder: Path, seconds: float | None = None) -> None:
     """The files of write_matrix as artifacts of the run (an upload again overwrites: no duplicates)."""
-    for name in MATRIX_FILES:
-        with_retries(lambda: client(uri).log_artifact(run_id, str(folder / name)), seconds)
+    upload_files(uri, run_id, folder, MATRIX_FILES, seconds)
+
+
+def artifact_files(folder: Path) -> list[str]:
+    """The artifacts a trial's folder holds for its run: the matrix files and any probe files."""
+    return [*MATRIX_FILES, *(name for name in PROBE_FILES if (folder / name).exists())]
 
 
 def log_matrix(uri: str, run_id: str, R: list[list[float]], b: list[float], folder: Path) -> None:
@@ -141,3 +174,20 @@ def end_run(uri: str, run_id: str, status: str, seconds: float | None = None) ->
 
 def run_status(uri: str, run_id: str, seconds: float | None = None) -> str:
     return with_retries(lambda: client(uri).get_run(run_id), seconds).info.status
+
+
+def write_probes(folder: Path, artifacts: dict[str, Any]) -> list[str]:
+    """The probes' artifacts (name -> JSON, names as in schema.PROBE_FILES without ``.json``) in
+    ``folder``, each written atomically; returns the file names."""
+    names = [f"{name}.json" for name in artifacts]
+    if unknown := set(names) - set(PROBE_FILES):
+        raise ValueError(f"unknown probe artifacts: {sorted(unknown)}")
+    for name, data in zip(names, artifacts.values()):
+        fsio.write_json(folder / name, data)
+    return names
+
+
+def upload_files(uri: str, run_id: str, folder: Path, names: Iterable[str], seconds: float | None = None) -> None:
+    """Files of ``folder`` as artifacts of the run (an upload again overwrites: no duplicates)."""
+    for name in names:
+        with_retries(lambda: client(uri).log_artifact(run_id, str(folder / name)), seconds)

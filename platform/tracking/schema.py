@@ -8,6 +8,7 @@ and no clgrid.spec, so ``clgrid report``, ``sync`` and ``reap`` start fast.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import random
 import time
@@ -21,9 +22,15 @@ from mlflow.tracking import MlflowClient
 
 from clgrid.errors import UsageError
 
+# MLflow 3's UI opens an experiment on its runs only when it is of the training kind (without the
+# tag it may open the GenAI overview: traces, token usage).
+EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
+
 # Run tags. A sweep has one parent run (ROLE = SWEEP) and one child run per trial (ROLE = TRIAL).
 PARENT = "mlflow.parentRunId"
 RUN_NAME = "mlflow.runName"
+NOTE = "mlflow.note.content"  # a run's description in the UI
+DATASET_CONTEXT, TRAIN_CONTEXT = "mlflow.data.context", "train"  # tag of a run's dataset input
 ROLE, SWEEP, TRIAL = "clgrid.role", "sweep", "trial"
 SWEEP_ID = "clgrid.sweep_id"
 STRATEGY = "clgrid.strategy"
@@ -85,6 +92,9 @@ def client(uri: str) -> MlflowClient:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # a "View run" line per ended run
+    # "Creating initial MLflow database tables...", "Updating database tables": INFO about a SQLite
+    # store clgrid manages; its warnings still show.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -126,3 +136,7 @@ def search(uri: str, exp_id: str, filter_string: str = "", order_by: list[str] |
         token = page.token
         if not token:
             return runs
+
+# The representation probes' artifacts of a trial run (issue 16; clgrid.train.probes.Probes.artifacts).
+PROBE_MATRIX_JSON, CKA_JSON, WEIGHT_DRIFT_JSON = "probe_matrix.json", "cka.json", "weight_drift.json"
+PROBE_FILES = (PROBE_MATRIX_JSON, CKA_JSON, WEIGHT_DRIFT_JSON)

@@ -1,14 +1,24 @@
 """Compute and storage meters of a trial.
 
-Training FLOPs come from torch's FLOP counter on real batches, not from a formula: the first
+Training FLOPs, the rule: what a training step computes per trained sample, times the samples
+trained. A trained sample is a row of any forward pass of ``ctx.model`` that feeds the step's loss
+(new samples, replayed ones in the batch, DER's memory batches); a step whose loss does not go
+through ``ctx.model``'s forward (a generator's fit, a features-only loss) counts its batch. The first
 ``measured_steps`` steps of every training phase (an experience, or a ``ctx.fit`` call) run under
-``FlopCounterMode``; each later step adds the measured FLOPs per input sample times its samples:
+torch's ``FlopCounterMode``; every later step adds that phase's measured FLOPs per trained sample
+times its own trained samples:
 
-    train_flops = sum_phases (measured_flops / measured_samples) * samples_in_phase
+    train_flops = sum_phases (measured_flops / measured_samples) * trained_samples_in_phase
+                  + the work outside steps (``after_experience``, ``before_experience``), in full
 
-The rate includes whatever a strategy adds to a step (replayed samples, extra forward passes,
-gradient projections), because it is measured on the whole step. Work outside steps (for example
-an EWC Fisher pass in ``after_experience``) is counted in full under the counter.
+A phase's rate is measured on its own steps, so replayed batches, extra forward passes and
+gradient projections are in it at the size they have in that phase. Counted: matrix products and
+convolutions (torch's counter, 2 FLOPs per multiply-add), matrix-vector and dot products (GEM's and
+A-GEM's constraints and projections, added to the counter here), and analytic counts passed to
+``count_flops`` for work the counter cannot see (the quadratic penalty of L2, EWC, SI and MAS;
+iCaRL's herding). Not counted: elementwise arithmetic (activations, losses, normalisation, the
+scale-and-subtract of a projection: well under 1% of a step of the MLP), optimizer arithmetic,
+GEM's small dual QP (solved in numpy), evaluation and data movement.
 
 device_seconds = train_seconds x the trial's device share (GPU fraction on a GPU, else CPUs):
 the resource-seconds a cluster bills for the training.
@@ -42,14 +52,55 @@ class Costs:
         return {k: float(v) for k, v in asdict(self).items()}
 
 
+def _mv_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1]
+
+
+def _dot_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0]
+
+
+# what torch's counter leaves out and a strategy's step computes at the size of the model
+_VECTOR_PRODUCTS = {torch.ops.aten.mv: _mv_flops, torch.ops.aten.dot: _dot_flops, torch.ops.aten.vdot: _dot_flops}
+_open_counters: list["_Counter"] = []  # the counter measuring now (at most one: nested blocks pause)
+
+
+def count_flops(flops: float) -> None:
+    """Adds work the counter cannot see (elementwise arithmetic worth counting) to the block being
+    measured; outside a measured block it is part of a measured rate already, or not counted."""
+    if _open_counters:
+        _open_counters[-1].analytic += flops
+
+
+class _Counter:
+    """torch's FLOP counter with vector products and ``count_flops`` added."""
+
+    def __init__(self) -> None:
+        self.mode = FlopCounterMode(display=False, custom_mapping=_VECTOR_PRODUCTS)
+        self.analytic = 0.0
+
+    def __enter__(self) -> "_Counter":
+        self.mode.__enter__()
+        _open_counters.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _open_counters.remove(self)
+        self.mode.__exit__(*exc)
+
+    @property
+    def total(self) -> float:
+        return self.mode.get_total_flops() + self.analytic
+
+
 class FlopMeter:
-    """Counts training FLOPs by measuring a few steps per phase and scaling by samples."""
+    """Counts training FLOPs by measuring a few steps per phase and scaling by trained samples."""
 
     def __init__(self, measured_steps: int = 2, enabled: bool = True):
         self.measured_steps = measured_steps
         self.enabled = enabled
         self.total = 0.0
-        self._mode: FlopCounterMode | None = None  # the counter of an open `counting()` block
+        self._counter: _Counter | None = None  # the counter of an open `counting()` block
 
     def phase(self) -> "Phase":
         return Phase(self)
@@ -57,7 +108,7 @@ class FlopMeter:
     @contextmanager
     def counting(self) -> Iterator[None]:
         """Counts everything inside in full (nested phases pause it to avoid double counting)."""
-        if not self.enabled or self._mode is not None:
+        if not self.enabled or self._counter is not None:
             yield
             return
         self._open()
@@ -68,7 +119,7 @@ class FlopMeter:
 
     @contextmanager
     def _paused(self) -> Iterator[None]:
-        if self._mode is None:
+        if self._counter is None:
             yield
             return
         self._close()
@@ -78,13 +129,18 @@ class FlopMeter:
             self._open()
 
     def _open(self) -> None:
-        self._mode = FlopCounterMode(display=False)
-        self._mode.__enter__()
+        self._counter = _Counter().__enter__()
 
     def _close(self) -> None:
-        mode, self._mode = self._mode, None
-        mode.__exit__(None, None, None)
-        self.total += mode.get_total_flops()
+        counter, self._counter = self._counter, None
+        counter.__exit__(None, None, None)
+        self.total += counter.total
+
+
+class Step:
+    """One training step; the trainer sets ``samples`` to the samples it trained."""
+
+    samples = 0
 
 
 class Phase:
@@ -97,23 +153,39 @@ class Phase:
         self.samples = 0
 
     @contextmanager
-    def step(self, n_samples: int) -> Iterator[None]:
-        meter = self.meter
+    def step(self) -> Iterator[Step]:
+        meter, step = self.meter, Step()
         if not meter.enabled:
-            yield
+            yield step
             return
         with meter._paused():
             if self.measured < meter.measured_steps:
-                with FlopCounterMode(display=False) as mode:
-                    yield
-                flops = mode.get_total_flops()
-                self.flops += flops
-                self.samples += n_samples
-                self.measured += 1
-                meter.total += flops
+                with _Counter() as counter:
+                    yield step
+                meter.total += counter.total
+                if step.samples:  # a skipped step (no batch to train) measures nothing
+                    self.flops += counter.total
+                    self.samples += step.samples
+                    self.measured += 1
             else:
-                yield
-                meter.total += self.flops / max(self.samples, 1) * n_samples
+                yield step
+                meter.total += self.flops / max(self.samples, 1) * step.samples
+
+
+class ForwardRows:
+    """Rows of every forward pass of ``model`` with autograd on (the trained samples of a step,
+    read before and after its loss is computed)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.rows = 0
+        self._handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, module: torch.nn.Module, args: tuple) -> None:
+        if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor):
+            self.rows += len(args[0])
+
+    def close(self) -> None:
+        self._handle.remove()
 
 
 class Stopwatch:

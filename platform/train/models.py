@@ -21,7 +21,7 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["mlp", "cnn", "resnet18"] = "mlp"
-    hidden: list[int] = Field([400, 400], min_length=1, description="mlp: hidden layer widths")
+    hidden: list[int] = Field([400, 400], description="mlp: hidden layer widths; [] is the linear model (no hidden layer)")
     channels: list[int] = Field([32, 64], min_length=1, description="cnn: channels of each conv block")
     heads: Literal["shared", "multi"] = Field(
         "shared", description="task-il: one shared output layer (masked to the task's classes) or one head per task"
@@ -29,7 +29,8 @@ class ModelSpec(BaseModel):
 
 
 class MLP(nn.Module):
-    """Flatten, then Linear+ReLU per hidden width."""
+    """Flatten, then Linear+ReLU per hidden width; with no width, the flattened input (the head
+    on it is then the linear model)."""
 
     def __init__(self, in_features: int, hidden: list[int]):
         super().__init__()
@@ -76,7 +77,7 @@ class MultiHead(nn.Module):
     """One linear head per task; each sample gets its task head's scores at that task's classes.
 
     Every head runs on the whole batch and ``torch.where`` picks per sample: no data-dependent
-    control flow, so per-sample gradients (torch.func.vmap) work through it.
+    control flow, so per-sample gradients work through it.
     """
 
     def __init__(self, in_features: int, task_classes: list[tuple[int, ...]], num_classes: int):

@@ -7,6 +7,7 @@
                         -> after_backward -> optimizer.step -> after_step
         strategy.after_experience
         evaluate every test experience -> row i of the accuracy matrix R
+        probes the spec turns on (eval mode, own RNG, timed apart as probe_seconds)
         checkpoint (model, strategy, replay, RNG states, R; every experience starts a fresh optimizer) -> report row i
 
 A trial folder that already holds a checkpoint resumes after its experience, with every random
@@ -24,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clgrid.train import checkpoint, metrics
+from clgrid.train import checkpoint, metrics, probes
 from clgrid.benchmarks import BenchmarkSpec, Experience, Stream, load_stream
-from clgrid.train.costs import Costs, FlopMeter, Stopwatch, peak_memory_bytes, reset_peak_memory, tensor_bytes
+from clgrid.train.costs import (Costs, FlopMeter, ForwardRows, Stopwatch, peak_memory_bytes, reset_peak_memory,
+                                tensor_bytes)
 from clgrid.train.models import MASKED, build_model, module_bytes
 from clgrid.replay import TensorMemory
 from clgrid.replay.arrow_store import ArrowReplayStore
@@ -53,6 +55,7 @@ class TrialResult:
     metrics: dict[str, float]
     costs: dict[str, float]
     history: list[ExperienceReport] = field(default_factory=list)
+    probes: dict[str, Any] = field(default_factory=dict)  # artifact name -> JSON (probes.Probes.artifacts)
 
 
 @functools.lru_cache(maxsize=8)
@@ -87,6 +90,9 @@ class Trainer:
         self.samples_seen = 0
         self.earlier_peak = 0  # peak memory of the attempts before a resume
         self.optimizer: torch.optim.Optimizer | None = None
+        # the probe subsets draw from their own generator: seed + 2 (the strategy's is seed + 1)
+        self.probes = probes.Probes(trial.probes, self.stream.train, self.stream.test, trial.seed + 2) \
+            if trial.probes.enabled else None
         self.ctx = Context(
             model=model, device=self.device, stream=self.stream, replay=self._memory(),
             rng=torch.Generator().manual_seed(trial.seed + 1), batch_size=trial.train.batch_size,
@@ -136,49 +142,66 @@ class Trainer:
                 with self.flops.counting():
                     strategy.after_experience(ctx)
             R.append(self.evaluate())
+            probed = self._probe(exp.index)
             ctx.replay.commit()  # durable before it is measured (replay_bytes) and checkpointed
-            report = ExperienceReport(exp.index, R[-1], metrics.partial_summary(R, b), self.costs().as_dict())
+            report = ExperienceReport(exp.index, R[-1], metrics.partial_summary(R, b) | probed, self.reported_costs())
             history.append(report)
             if self.instrument:
                 checkpoint.save(self.trial_dir, exp.index, self._state(R, b, history))
             self.on_experience(report)
 
-        return TrialResult(R, b, metrics.summary(R, b), self.costs().as_dict(), history)
+        final = history[-1].metrics if self.probes else {}  # the probe metrics of the last experience
+        return TrialResult(R, b, final | metrics.summary(R, b), self.reported_costs(), history,
+                           self.probes.artifacts() if self.probes else {})
+
+    def _probe(self, i: int) -> dict[str, float]:
+        """The metrics of the probes the spec turns on, after experience i (none when all are off)."""
+        if self.probes is None:
+            return {}
+        features, weights = probes.strategy_view(self.strategy, self.ctx, self.trial.train.eval_batch_size)
+        return self.probes.after_experience(i, features, weights)
 
     def _train(self, x: Tensor, y: Tensor, t: Tensor, steps: dict[str, int | None], *,
                loss_fn: Callable[[Batch], Tensor] | None, hooks: bool,
                optimizer: torch.optim.Optimizer | None = None, batch_size: int | None = None,
                after_step: Callable[[Batch], None] | None = None) -> None:
-        """Steps over (x, y, t); with ``hooks`` the strategy's batch hooks fire around every step."""
+        """Steps over (x, y, t); with ``hooks`` the strategy's batch hooks fire around every step.
+        A step's trained samples are the rows ``ctx.model`` forwards for its loss (costs.py)."""
         ctx, strategy = self.ctx, self.strategy
         phase = self.flops.phase()
         ctx.model.train()
-        for idx in self._batches(len(y), batch_size or ctx.batch_size, **steps):
-            batch = Batch(x[idx].to(self.device), y[idx].to(self.device), t[idx].to(self.device))
-            with phase.step(len(idx)):
-                if hooks:
-                    batch = strategy.train_batch(batch, ctx)
-                    if batch is None:
-                        continue
-                opt = optimizer or self.optimizer
-                opt.zero_grad(set_to_none=True)
-                if loss_fn is None:
-                    output = self.masked(ctx.model(batch.x, batch.t), batch.t)
-                    loss = F.cross_entropy(output, batch.y)
-                    extra = strategy.loss(batch, output, ctx) if hooks else None
-                    if extra is not None:
-                        loss = loss + extra
-                else:
-                    loss = loss_fn(batch)
-                loss.backward()
-                if hooks:
-                    strategy.after_backward(batch, ctx)
-                opt.step()
-                if hooks:
-                    strategy.after_step(batch, ctx)
-                if after_step is not None:
-                    after_step(batch)
-            self.samples_seen += len(batch)
+        forwarded = ForwardRows(ctx.model)
+        try:
+            for idx in self._batches(len(y), batch_size or ctx.batch_size, **steps):
+                batch = Batch(x[idx].to(self.device), y[idx].to(self.device), t[idx].to(self.device))
+                with phase.step() as step:
+                    if hooks:
+                        batch = strategy.train_batch(batch, ctx)
+                        if batch is None:
+                            continue
+                    opt = optimizer or self.optimizer
+                    opt.zero_grad(set_to_none=True)
+                    rows = forwarded.rows
+                    if loss_fn is None:
+                        output = self.masked(ctx.model(batch.x, batch.t), batch.t)
+                        loss = F.cross_entropy(output, batch.y)
+                        extra = strategy.loss(batch, output, ctx) if hooks else None
+                        if extra is not None:
+                            loss = loss + extra
+                    else:
+                        loss = loss_fn(batch)
+                    step.samples = forwarded.rows - rows or len(batch)
+                    loss.backward()
+                    if hooks:
+                        strategy.after_backward(batch, ctx)
+                    opt.step()
+                    if hooks:
+                        strategy.after_step(batch, ctx)
+                    if after_step is not None:
+                        after_step(batch)
+                self.samples_seen += step.samples
+        finally:
+            forwarded.close()
 
     def _batches(self, n: int, batch_size: int, epochs: int | None, iterations: int | None) -> Iterator[Tensor]:
         """Shuffled index batches: ``epochs`` passes, or ``iterations`` steps cycling over passes."""
@@ -259,6 +282,10 @@ class Trainer:
         """This trial's peak memory, over its attempts."""
         return max(self.earlier_peak, peak_memory_bytes(self.device))
 
+    def reported_costs(self) -> dict[str, float]:
+        """The meters; with probes on, also ``probe_seconds`` (never part of train_seconds)."""
+        return self.costs().as_dict() | ({"probe_seconds": self.probes.seconds} if self.probes else {})
+
     def costs(self) -> Costs:
         share = self.trial.resources.gpus_per_trial if self.device.type == "cuda" else self.trial.resources.cpus_per_trial
         return Costs(
@@ -284,7 +311,7 @@ class Trainer:
                        "peak_memory": self.peak_memory()},
             "R": R, "b": b,
             "history": [vars(h) for h in history],
-        }
+        } | ({"probes": self.probes.state_dict()} if self.probes else {})
 
     def _restore(self, state: dict[str, Any]) -> tuple[list, list, list, int]:
         ctx = self.ctx
@@ -298,6 +325,8 @@ class Trainer:
         self.clock.seconds = state["meters"]["seconds"]
         self.samples_seen = state["meters"]["samples"]
         self.earlier_peak = state["meters"].get("peak_memory", 0)  # an earlier attempt's (older checkpoints: 0)
+        if self.probes:
+            self.probes.load_state_dict(state["probes"])
         start = state["experience"] + 1
         ctx.seen = self.stream.train[:start]
         ctx.experience = self.stream.train[start - 1]
