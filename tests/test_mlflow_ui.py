@@ -105,7 +105,8 @@ def test_runs_page_opens_on_the_training_runs_in_headless_chromium(sweep, tmp_pa
     """The page `clgrid run` names, rendered: the training-runs view (not MLflow 3's GenAI overview)
     with the sweep's parent run and the Dataset column. The UI folds child runs under their parent
     until a click, which --dump-dom cannot give, so the children's names and datasets are read
-    from the search API that the page calls when the parent is expanded."""
+    from the search API that the page calls when the parent is expanded, and one child's own run
+    page is rendered with its name and dataset."""
     chromium()  # skip (or, in CI, fail) before starting a server
     root, _, _, exp = sweep
     port = free_port()
@@ -124,6 +125,9 @@ def test_runs_page_opens_on_the_training_runs_in_headless_chromium(sweep, tmp_pa
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30) as answer:
             served = json.load(answer)["runs"]
+        child = next(r for r in served if {"key": "clgrid.role", "value": "trial"} in r["data"]["tags"])
+        run_page = run_chromium(f"{url}/{child['info']['run_id']}", tmp_path, "--dump-dom",
+                                "--virtual-time-budget=20000", timeout=120).stdout
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -134,3 +138,6 @@ def test_runs_page_opens_on_the_training_runs_in_headless_chromium(sweep, tmp_pa
     trials = [r for r in served if {"key": "clgrid.role", "value": "trial"} in r["data"]["tags"]]
     assert {r["info"]["run_name"] for r in trials} == NAMES
     assert {d["dataset"]["name"] for r in trials for d in r["inputs"]["dataset_inputs"]} == {"split-digits"}
+    # a child run's own page, rendered: its name and its dataset
+    run_text = " ".join(re.sub(r"<[^>]+>", " ", run_page).split())
+    assert child["info"]["run_name"] in run_text and "split-digits" in run_text, run_text[-3000:]
