@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--storage", help=storage)
         p.add_argument("--tracking-uri", help=tracking)
 
+    def local_sqlite(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--sqlite-on-local-disk", action="store_true",
+                       help="on a cluster, allow a SQLite tracking URI: its file is on local disk of a single-node cluster")
+
     def concurrency(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
 
@@ -56,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
           "MLflow tracking URI (default: SQLite in the storage root)")
     concurrency(p)
     p.add_argument("--address", help=RAY_ADDRESS)
+    local_sqlite(p)
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
 
     p = command("submit", cmd_submit, "submit a spec's sweep to a Ray cluster as a Ray job; prints the job id",
@@ -64,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     where(p, "storage root every cluster node mounts (absolute path)",
           "MLflow tracking URI as the cluster nodes see it (e.g. http://MLFLOW:5000)")
     concurrency(p)
+    local_sqlite(p)
     p.add_argument("--follow", action="store_true", help="then print the job's logs until it ends")
 
     p = command("status", cmd_status, "a submitted job's status", ("job", "the job id that `clgrid submit` printed"))
@@ -176,8 +182,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                       max_concurrent=args.max_concurrent)
     from clgrid import tracking
     from clgrid.spec import expand
-    from clgrid.sweep import driver
+    from clgrid.sweep import driver, jobs
 
+    if args.address:
+        jobs.check_cluster_tracking(spec.tracking_uri, args.sqlite_on_local_disk)
     tracking.check_reachable(spec.tracking_uri)  # before Ray starts: MLflow itself retries for minutes
     safepaths.check_writable(spec.storage.root)  # creates the root: after the check above, which creates nothing
     print(f"clgrid: {spec.name}: {len(expand(spec))} trials; storage {Path(spec.storage.root).resolve()}; "
@@ -221,7 +229,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     spec = _load_spec(args.spec, storage=args.storage, tracking_uri=args.tracking_uri,
                       max_concurrent=args.max_concurrent)  # validated here: a bad spec never reaches the cluster
-    job_id = jobs.submit(args.address, pipelines.resolve(args.spec), spec, max_concurrent=args.max_concurrent)
+    job_id = jobs.submit(args.address, pipelines.resolve(args.spec), spec, max_concurrent=args.max_concurrent,
+                         sqlite_on_local_disk=args.sqlite_on_local_disk)
     print(job_id, flush=True)
     if not args.follow:
         print(f"follow it: clgrid logs {job_id} --address {args.address} --follow", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,25 @@ def atomic_write(path: Path, data: bytes) -> None:
         if isinstance(exc, OSError) and exc.filename is None:
             exc.filename = str(path)  # "[Errno 28] No space left on device" alone does not say where
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def create_json(path: Path, obj: Any) -> None:
+    """Like ``write_json``, but never replaces a file: FileExistsError when ``path`` exists. The
+    whole file is written aside, then linked into place (a link, unlike a rename, fails when the
+    name exists, also on NFS)."""
+    aside = path.with_name(f".{path.name}.{secrets.token_hex(4)}.new")
+    write_json(aside, obj)
+    try:
+        os.link(aside, path)
+    finally:
+        aside.unlink()
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes a rename or link in ``folder`` survive a power cut."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:

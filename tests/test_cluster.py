@@ -63,7 +63,8 @@ def test_submit_to_an_unreachable_cluster_is_one_clear_line(tmp_path, capsys):
     from clgrid.cli import main
 
     address = f"http://127.0.0.1:{free_port()}"
-    assert main(["submit", str(_write_spec(tmp_path / "s.yaml")), "--address", address, "--storage", str(tmp_path)]) == 2
+    assert main(["submit", str(_write_spec(tmp_path / "s.yaml")), "--address", address, "--storage", str(tmp_path),
+                 "--sqlite-on-local-disk"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"clgrid submit: cannot reach the Ray job API at {address}") and "\n" not in err
 
@@ -322,8 +323,9 @@ def test_killed_driver_then_reap_and_resume(cluster, reference, capsys):
     _write_spec(spec)
     faults.mkdir()
     (faults / f"{keys[0]}.0").write_text("hang")  # keeps the sweep from finishing before the kill
-    driver = cluster.popen([CLGRID, "run", str(spec), "--storage", str(storage), "--address", cluster.gcs, "--no-report"],
-                           log, CLGRID_FAULT_ONCE=str(faults))  # SQLite tracking in the storage root
+    driver = cluster.popen([CLGRID, "run", str(spec), "--storage", str(storage), "--address", cluster.gcs, "--no-report",
+                            "--sqlite-on-local-disk"],  # SQLite in the storage root: both nodes are this machine
+                           log, CLGRID_FAULT_ONCE=str(faults))
     hung = int(wait_for(lambda: _read(faults / f"{keys[0]}.0.pid"), "the hanging trial", timeout=300, logs=(log,)))
     sweep_dir = wait_for(lambda: _sweep_dir(storage), "the sweep folder", timeout=300, logs=(log,))
     wait_for(lambda: _matrices(sweep_dir), "a finished trial", timeout=300, logs=(log,))

@@ -53,7 +53,8 @@ def _tampered(kind: str, marker: Path, good: bytes) -> bytes:
 @pytest.mark.parametrize("force_env", [False, True], ids=["", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"])
 @pytest.mark.parametrize("kind", ["raw pickle", "torch zip", "truncated", "empty", "not a dict"])
 def test_tampered_or_torn_checkpoint_is_refused_and_runs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  kind: str, force_env: bool) -> None:
+                                                                  capsys: pytest.CaptureFixture, kind: str,
+                                                                  force_env: bool) -> None:
     if force_env:  # torch honours it only when a call site leaves weights_only unset; ours sets it
         monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     marker = tmp_path / "pwned"
@@ -63,10 +64,60 @@ def test_tampered_or_torn_checkpoint_is_refused_and_runs_nothing(tmp_path: Path,
     bad_path.write_bytes(_tampered(kind, marker, good_path.read_bytes()))
 
     with pytest.raises(checkpoint.CheckpointError) as err:
-        checkpoint.latest(trial)
+        checkpoint.load(bad_path)
     assert str(bad_path) in str(err.value)
+    assert checkpoint.latest(trial)["R"] == [[0.5]], "the last good checkpoint must stay readable"
+    assert str(bad_path) in capsys.readouterr().err  # the fallback names the refused file
     assert not marker.exists(), "unpickling a checkpoint ran code"
-    assert checkpoint.load(good_path)["R"] == [[0.5]], "the last good checkpoint must stay readable"
+    good_path.write_bytes(b"")
+    with pytest.raises(checkpoint.CheckpointError, match="exp-000"):  # none readable: the trial fails
+        checkpoint.latest(trial)
+    assert not marker.exists(), "unpickling a checkpoint ran code"
+
+
+def test_an_unreadable_newest_checkpoint_resumes_from_the_one_before_with_the_same_matrix(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from clgrid.train.trainer import run_trial
+    from conftest import tiny_trial
+
+    trial = tiny_trial({"name": "replay", "buffer_size": 50})  # the Arrow replay store falls back with it
+    reference = run_trial(trial, tmp_path / "undisturbed").R
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_experience_1(report) -> None:
+        if report.experience == 1:
+            raise Stop
+
+    folder = tmp_path / "disturbed"
+    with pytest.raises(Stop):
+        run_trial(trial, folder, on_experience=stop_after_experience_1)
+    newest = folder / "checkpoints" / "exp-001.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # torn
+    capsys.readouterr()
+    assert run_trial(trial, folder).R == reference
+    warning = capsys.readouterr().err
+    assert f"warning: {newest}: not a clgrid checkpoint" in warning and "the checkpoint before it" in warning
+
+
+def test_a_cluster_sweep_refuses_sqlite_tracking_unless_told_it_is_on_local_disk(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from clgrid.cli import main
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump(tiny_spec([{"name": "naive"}])))
+    storage = tmp_path / "runs"
+    dashboard = f"http://127.0.0.1:{free_port()}"  # nothing listens: the refusal comes before any contact
+    for argv in (["submit", str(spec), "--address", dashboard, "--storage", str(storage)],
+                 ["run", str(spec), "--address", f"127.0.0.1:{free_port()}", "--storage", str(storage)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"clgrid {argv[0]}: tracking URI sqlite:///") and "infra/mlflow" in err, err
+        assert "--sqlite-on-local-disk" in err and "\n" not in err
+        assert not storage.exists()  # nothing started, nothing created
+    assert main(["submit", str(spec), "--address", dashboard, "--storage", str(storage), "--sqlite-on-local-disk"]) == 2
+    assert "cannot reach the Ray job API" in capsys.readouterr().err  # allowed: went on to the cluster
 
 
 def test_torch_zip_payload_really_is_a_pickle_of_os_system(tmp_path: Path) -> None:

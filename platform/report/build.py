@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from clgrid import fsio
 from clgrid.report import plots, render
 from clgrid.report.aggregate import BUDGET_KEYS, Group, Issue, aggregate
 from clgrid.report.collect import ReportError, Sweep, collect
@@ -66,8 +67,9 @@ def _write(sweep: Sweep, groups: list[Group], issues: list[Issue],
     sections = [(g, plots.draw(g, out_dir)) for g in groups]
     intro = render.intro(sweep)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    html_path.write_text(render.html(sweep.experiment, intro, sections, issues), encoding="utf-8")
-    md_path.write_text(render.markdown(sweep.experiment, intro, sections, issues), encoding="utf-8")
+    # atomically: a reader (a browser, the MLflow upload, a concurrent `clgrid report`) sees a whole file
+    fsio.atomic_write(html_path, render.html(sweep.experiment, intro, sections, issues).encode())
+    fsio.atomic_write(md_path, render.markdown(sweep.experiment, intro, sections, issues).encode())
     return html_path, md_path, tuple(img.path for _, images in sections for img in images)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from clgrid import fsio
 from clgrid.report.aggregate import Config, Group, short, value_order
 from clgrid.report.stats import pareto_front
 
@@ -147,7 +148,7 @@ def draw(group: Group, out_dir: Path) -> list[Image]:
     images = []
     for name, title, figure, args in _figures(group.configs):
         image = Image(out_dir / f"{base}-{name}.png", title, png_bytes(figure(*args)))  # one figure alive at a time
-        image.path.write_bytes(image.png)
+        fsio.atomic_write(image.path, image.png)
         images.append(image)
     return images
 

@@ -61,16 +61,28 @@ def new_sweep_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
-def prepare(spec: PipelineSpec, sweep_id: str | None = None) -> Path:
+def new_sweep_folder(root: Path) -> SweepDir:
+    """A sweep folder no other sweep has: creating a folder is exclusive (also on NFS), so two sweeps
+    started in the same second with the same random bits draw again instead of sharing one."""
+    while True:
+        folder = SweepDir.at(root, new_sweep_id())
+        try:
+            folder.path.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            continue
+
+
+def prepare(spec: PipelineSpec) -> Path:
     """Creates the sweep folder, the MLflow parent and child runs, and ``sweep.json``."""
     check_storage(spec.storage.root)
-    sweep_id = sweep_id or new_sweep_id()
     root = Path(spec.storage.root).resolve()
-    folder = SweepDir.at(root, sweep_id)
     trials = expand(spec)
     uri = spec.tracking_uri
     root.mkdir(parents=True, exist_ok=True)
     exp_id = tracking.experiment_id(uri, spec.experiment, str(root))
+    folder = new_sweep_folder(root)
+    sweep_id = folder.path.name
     note = (f"Sweep {sweep_id} of the pipeline spec `{spec.name}` (spec hash {spec.spec_hash}): {len(trials)} "
             f"trials, one child run each. Report: {reports_dir(root, spec.experiment) / 'report.html'} (written "
             f"when `clgrid run` ends; `clgrid report {spec.experiment} --storage {root}` rebuilds it), also "

@@ -40,7 +40,18 @@ def client(address: str):
                          f"cluster's dashboard, e.g. http://HEAD:8265 (tunnelled)") from None
 
 
-def submit(address: str, spec_file: Path, spec: PipelineSpec, *, max_concurrent: int | None = None) -> str:
+def check_cluster_tracking(uri: str, sqlite_on_local_disk: bool) -> None:
+    """A cluster's trials all write the tracking store; SQLite on a network filesystem corrupts its
+    database (SQLite's own guidance), so a cluster sweep logs to an MLflow server unless the user says
+    the file is on local disk of a single-node cluster."""
+    if uri.startswith("sqlite:") and not sqlite_on_local_disk:
+        raise UsageError(f"tracking URI {uri}: SQLite written by several cluster nodes over a shared filesystem "
+                         "corrupts; expected an MLflow server (infra/mlflow, then --tracking-uri http://MLFLOW:5000), "
+                         "or --sqlite-on-local-disk when the file is on local disk of a single-node cluster")
+
+
+def submit(address: str, spec_file: Path, spec: PipelineSpec, *, max_concurrent: int | None = None,
+           sqlite_on_local_disk: bool = False) -> str:
     """Submits ``clgrid run`` of the (already validated) spec; returns the job's submission id.
     The job gets the environment a local driver gives its trials (``driver.trial_env``)."""
     from clgrid.sweep.driver import trial_env
@@ -50,6 +61,7 @@ def submit(address: str, spec_file: Path, spec: PipelineSpec, *, max_concurrent:
     if not Path(root).is_absolute():
         raise UsageError(f"storage root {root}: expected an absolute path that every cluster node mounts "
                          f"(pass --storage /shared/path): a relative one would land in the job's temporary folder")
+    check_cluster_tracking(uri, sqlite_on_local_disk)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         raise UsageError(f"tracking URI {uri}: expected an absolute SQLite path or an MLflow server (--tracking-uri)")
     jobs = client(address)

@@ -160,7 +160,12 @@ class SweepDir(_Folder):
                              f"sweep.json written by `clgrid run`") from None
 
     def write_meta(self, meta: SweepMeta) -> None:
-        fsio.write_json(self.meta_file, meta.model_dump(mode="json"))
+        """Creates sweep.json, never replaces one: a sweep folder belongs to the sweep that wrote it."""
+        try:
+            fsio.create_json(self.meta_file, meta.model_dump(mode="json"))
+        except FileExistsError:
+            raise UsageError(f"{self.meta_file}: already exists; expected a new sweep folder (one sweep "
+                             "per folder)") from None
 
     def finished(self) -> list[str]:
         """The trial keys of the sweep that have their result.json."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+from mlflow.exceptions import MlflowException
 
 from clgrid import fsio
 from clgrid.tracking import matrix_png
@@ -31,16 +32,29 @@ if TYPE_CHECKING:  # runs take TrialSpecs from the driver; importing the spec wo
     from clgrid.spec import TrialSpec
 
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
 
 
 def experiment_id(uri: str, name: str, storage_root: str) -> str:
     """The experiment's id, created if needed, of the training kind (an experiment an older clgrid
     created gets the kind; one a user gave another kind keeps it)."""
     c = client(uri)
+
+    def create() -> str | None:
+        try:
+            return c.create_experiment(name, artifact_location=local_artifact_root(uri, storage_root),
+                                       tags={EXPERIMENT_KIND: TRAINING})
+        except MlflowException as exc:
+            if exc.error_code == ALREADY_EXISTS:  # a concurrent sweep created it first: no use retrying
+                return None
+            raise
+
     found = with_retries(lambda: c.get_experiment_by_name(name))
     if found is None:
-        return with_retries(lambda: c.create_experiment(name, artifact_location=local_artifact_root(uri, storage_root),
-                                                        tags={EXPERIMENT_KIND: TRAINING}))
+        created = with_retries(create)
+        if created is not None:
+            return created
+        found = with_retries(lambda: c.get_experiment_by_name(name))
     if EXPERIMENT_KIND not in found.tags:
         with_retries(lambda: c.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, TRAINING))
     return found.experiment_id

@@ -9,6 +9,7 @@ Loading uses ``torch.load(weights_only=True)``: tensors, numbers, strings and co
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,20 @@ def save(trial_dir: Path, experience: int, state: dict[str, Any]) -> Path:
 
 
 def latest(trial_dir: Path) -> dict[str, Any] | None:
-    """The newest checkpoint of a trial, or None when it has none."""
+    """The newest readable checkpoint of a trial, or None when it has none.
+
+    An unreadable newest one (a bad disk block, a tampered file) falls back to its predecessor, with
+    a warning naming the file and why: the trial redoes one experience instead of failing on every
+    retry. CheckpointError when none is readable."""
     paths = TrialDir(trial_dir).checkpoint_files()
-    return load(paths[-1]) if paths else None
+    for i, path in enumerate(reversed(paths)):
+        try:
+            return load(path)
+        except CheckpointError as exc:
+            if i == len(paths) - 1:
+                raise
+            print(f"clgrid: warning: {exc}; resuming from the checkpoint before it", file=sys.stderr, flush=True)
+    return None
 
 
 def load(path: Path) -> dict[str, Any]:
