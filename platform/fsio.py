@@ -29,7 +29,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         if isinstance(exc, OSError) and exc.filename is None:
             exc.filename = str(path)  # "[Errno 28] No space left on device" alone does not say where
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def create_json(path: Path, obj: Any) -> None:
@@ -42,10 +42,10 @@ def create_json(path: Path, obj: Any) -> None:
         os.link(aside, path)
     finally:
         aside.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: str | Path) -> None:
     """Makes a rename or link in ``folder`` survive a power cut."""
     dir_fd = os.open(folder, os.O_RDONLY)
     try:

@@ -13,6 +13,8 @@ import secrets
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from clgrid.fsio import fsync_dir
+
 TEMP_PREFIX = ".tmp-"  # unfinished writes; removable by the store's garbage collection
 
 
@@ -62,7 +64,7 @@ class StoreRoot:
             return
         if not os.path.isdir(self.path):
             os.makedirs(self.path, exist_ok=True)
-            _fsync_dir(os.path.dirname(self.path))
+            fsync_dir(os.path.dirname(self.path))
         tmp = self._full(f"{TEMP_PREFIX}{name}-{secrets.token_hex(4)}")
         try:
             with open(tmp, "wb") as f:
@@ -74,15 +76,7 @@ class StoreRoot:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        _fsync_dir(self.path)  # makes the rename itself durable
+        fsync_dir(self.path)  # makes the rename itself durable
 
     def delete(self, name: str) -> None:
         self.fs.delete_file(self._full(name))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
