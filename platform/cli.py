@@ -358,11 +358,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     from clgrid.benchmarks import BenchmarkSpec
     from clgrid.strategies import REGISTRY
     from clgrid.train.models import ModelSpec
+    from clgrid.train.probes import ProbesSpec
 
     print("benchmark fields:")
     _print_fields(BenchmarkSpec)
     print("model fields:")
     _print_fields(ModelSpec)
+    print("probes fields (all off by default; docs/drift.md):")
+    _print_fields(ProbesSpec)
     print("strategies:")
     for name, cls in sorted(REGISTRY.items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]

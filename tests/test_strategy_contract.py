@@ -45,7 +45,8 @@ def batchnorm_model(spec: ModelSpec, input_shape: tuple[int, int, int], num_clas
 
 @pytest.mark.parametrize("name,scenario", CASES)
 def test_trains_two_experiences_and_resumes_exactly(name: str, scenario: str, tmp_path: Path) -> None:
-    trains_and_resumes_exactly(tiny_trial({"name": name}, scenario), tmp_path)
+    full, resumed = trains_and_resumes(tiny_trial({"name": name}, scenario), tmp_path)
+    assert resumed.R == full.R
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -57,10 +58,12 @@ def test_trains_a_batchnorm_model_and_resumes_exactly(name: str, tmp_path: Path,
         with pytest.raises(ValueError, match="MLP|batch-norm"):
             run_trial(trial, tmp_path / "full")
         return
-    trains_and_resumes_exactly(trial, tmp_path)
+    full, resumed = trains_and_resumes(trial, tmp_path)
+    assert resumed.R == full.R
 
 
-def trains_and_resumes_exactly(trial: TrialSpec, tmp_path: Path) -> None:
+def trains_and_resumes(trial: TrialSpec, tmp_path: Path) -> tuple:
+    """The trial run through, and run again from the folder a crash during experience 1 leaves."""
     full = run_trial(trial, tmp_path / "full")
     assert len(full.R) == 2 and all(len(row) == 2 for row in full.R)
     assert all(0.0 <= a <= 1.0 for row in full.R for a in row)
@@ -71,8 +74,7 @@ def trains_and_resumes_exactly(trial: TrialSpec, tmp_path: Path) -> None:
     # newer manifests) must continue to the same matrix as the uninterrupted run.
     shutil.copytree(tmp_path / "full", tmp_path / "resumed")
     (tmp_path / "resumed" / "checkpoints" / "exp-001.pt").unlink()
-    resumed = run_trial(trial, tmp_path / "resumed")
-    assert resumed.R == full.R
+    return full, run_trial(trial, tmp_path / "resumed")
     assert resumed.b == full.b
 
 
