@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a sweep ran but some trials failed, 2 bad input (nothin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import typing
@@ -83,13 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     where(p)
     concurrency(p)
     p.add_argument("--address", help=RAY_ADDRESS)
+    local_sqlite(p)
 
     p = command("sync", cmd_sync, "upload to the tracking server what it missed while it was away (from the "
                                   "sweep's trial folders); idempotent", ("target", SWEEP_OR_SPEC))
     where(p, tracking="upload there (default: the sweep's; with a spec: the --tracking-uri it ran with)")
 
     p = command("reap", cmd_reap, "mark runs left RUNNING by dead sweeps (driver killed) as KILLED",
-                ("target", EXPERIMENT_OR_SPEC))
+                ("target", f"a sweep folder (with sweep.json), or {EXPERIMENT_OR_SPEC}: each of its sweeps"))
     where(p)
     p.add_argument("--older-than", type=float, default=3.0, metavar="MINUTES",
                    help="a driver elsewhere is dead after this long without a heartbeat (default 3)")
@@ -112,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, help="repetitions of each trainer comparison (default 5)")
     p.add_argument("--epochs", type=int, help="epochs per experience (default: the quickstart's)")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: samples/s per model and precision, trials per GPU, GPU memory per trial "
+                        "(clgrid.bench.gpu; exit 2 without CUDA)")
     return parser
 
 
@@ -136,8 +141,10 @@ def _load_spec(spec: str, *, storage: str | None = None, tracking_uri: str | Non
     overrides: dict = {}
     if storage:
         overrides["storage"] = spec_.storage.model_copy(update={"root": storage})
-    if tracking_uri:
-        overrides["tracking"] = spec_.tracking.model_copy(update={"uri": tracking_uri})
+    if uri := tracking_uri or spec_.tracking.uri:  # printed, stored, sent to a cluster: never with a password
+        from clgrid.tracking.schema import split_credentials
+
+        overrides["tracking"] = spec_.tracking.model_copy(update={"uri": split_credentials(uri)})
     if max_concurrent:
         overrides["resources"] = spec_.resources.model_copy(update={"max_concurrent": max_concurrent})
     return spec_.model_copy(update=overrides) if overrides else spec_
@@ -162,6 +169,10 @@ def _experiment(target: str, *, storage: str | None, tracking_uri: str | None) -
         spec = _load_spec(target, storage=storage, tracking_uri=tracking_uri)
         return Experiment(spec.experiment, spec.tracking_uri, Path(spec.storage.root), spec)
     root = Path(storage or layout.DEFAULT_ROOT)
+    if tracking_uri:
+        from clgrid.tracking.schema import split_credentials
+
+        tracking_uri = split_credentials(tracking_uri)
     return Experiment(target, tracking_uri or layout.sqlite_uri(root), root, None)
 
 
@@ -192,8 +203,9 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"tracking {spec.tracking_uri}", flush=True)
     from clgrid.report.console import print_summary
 
-    sweep_dir = driver.prepare_and_connect(spec, args.address)
-    outcome = driver.run(sweep_dir, address=args.address)
+    with contextlib.ExitStack() as held:  # the sweep's lease, from its folder's creation to the sweep's end
+        sweep_dir = driver.prepare_and_connect(spec, args.address, held)
+        outcome = driver.run(sweep_dir, address=args.address)
     print_summary(outcome)
     if outcome.unsynced and not args.no_report:
         print("Report skipped: the runs miss what clgrid sync will upload; then: clgrid report " + args.spec)
@@ -267,16 +279,22 @@ def _sweep_dir(args: argparse.Namespace) -> layout.SweepDir:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from clgrid import tracking
-    from clgrid.report.console import print_summary
-    from clgrid.sweep import driver, liveness
+    from clgrid.sweep import jobs
+    from clgrid.sweep.lease import SweepLease
 
     sweep = _sweep_dir(args)
     meta = sweep.meta()
+    if args.address:
+        jobs.check_cluster_tracking(meta.tracking_uri, args.sqlite_on_local_disk)
     tracking.check_reachable(meta.tracking_uri)  # one line now, not MLflow's retries later
-    liveness.ensure_not_running(meta.tracking_uri, meta.parent_run_id, meta.sweep_id)
-    print(f"clgrid: resuming sweep {meta.sweep_id} ({sweep.path}): {len(sweep.finished())}/{len(meta.trials)} "
-          f"trials finished; tracking {meta.tracking_uri}", flush=True)
-    outcome = driver.run(sweep.path, address=args.address, max_concurrent=args.max_concurrent)
+    with SweepLease(sweep, "clgrid resume"):  # one driver per sweep: taken before Ray starts
+        from clgrid.sweep import driver
+
+        print(f"clgrid: resuming sweep {meta.sweep_id} ({sweep.path}): {len(sweep.finished())}/{len(meta.trials)} "
+              f"trials finished; tracking {meta.tracking_uri}", flush=True)
+        outcome = driver.run(sweep.path, address=args.address, max_concurrent=args.max_concurrent)
+    from clgrid.report.console import print_summary
+
     print_summary(outcome)
     _print_ui(outcome)
     return 1 if outcome.failed else 0
@@ -285,10 +303,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     from clgrid import tracking
     from clgrid.sweep import sync
+    from clgrid.tracking.schema import split_credentials
 
     sweep = _sweep_dir(args)
     meta = sweep.meta()
-    uri = args.tracking_uri or meta.tracking_uri
+    uri = split_credentials(args.tracking_uri) if args.tracking_uri else meta.tracking_uri
     tracking.check_reachable(uri)
     done = sync.sync_sweep(sweep.path, uri)
     if not done.folders:
@@ -302,8 +321,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_reap(args: argparse.Namespace) -> int:
     from clgrid.sweep import liveness
 
+    if Path(args.target).is_dir():  # one sweep's folder
+        r = liveness.reap_sweep(layout.SweepDir.of(Path(args.target)))
+        print(f"sweep {r.sweep_id}: {len(r.run_ids)} RUNNING run(s) marked KILLED ({r.reason})")
+        return 0
     where = _experiment(args.target, storage=args.storage, tracking_uri=args.tracking_uri)
-    reaped, alive = liveness.reap(where.tracking_uri, where.name, older_than=args.older_than * 60)
+    reaped, alive = liveness.reap(where.tracking_uri, where.name, older_than=args.older_than * 60, root=where.root)
     for r in reaped:
         print(f"sweep {r.sweep_id}: {len(r.run_ids)} RUNNING run(s) marked KILLED ({r.reason})")
     print(f"{where.name}: reaped {sum(len(r.run_ids) for r in reaped)} run(s) of {len(reaped)} dead sweep(s); "
@@ -338,7 +361,11 @@ def _write_report(where: Experiment, out: str | None, sweep_id: str | None) -> i
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """The platform's costs against plain loops (clgrid.bench)."""
+    """The platform's costs against plain loops (clgrid.bench); with ``--device cuda``, the GPU path."""
+    if args.device == "cuda":
+        from clgrid.bench import gpu
+
+        return gpu.main(["--quick"] * args.quick + ([f"--out={args.out}"] if args.out else []))
     from clgrid.bench import overhead
 
     options = [f"--{k}={v}" for k in ("reps", "epochs", "out") if (v := getattr(args, k)) is not None]
@@ -356,7 +383,9 @@ def cmd_replay_inspect(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from clgrid.benchmarks import BenchmarkSpec
+    from clgrid.spec.schema import TrainSpec
     from clgrid.strategies import REGISTRY
+    from clgrid.train.continual import EvaluateSpec
     from clgrid.train.models import ModelSpec
     from clgrid.train.probes import ProbesSpec
 
@@ -364,8 +393,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     _print_fields(BenchmarkSpec)
     print("model fields:")
     _print_fields(ModelSpec)
+    print("train fields:")
+    _print_fields(TrainSpec)
     print("probes fields (all off by default; docs/drift.md):")
     _print_fields(ProbesSpec)
+    print("evaluate fields (continual evaluation, off unless the spec has `evaluate:`; docs/online.md):")
+    _print_fields(EvaluateSpec)
     print("strategies:")
     for name, cls in sorted(REGISTRY.items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]

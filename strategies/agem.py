@@ -3,7 +3,8 @@
 After backward, the gradient g is compared with a reference gradient g_ref of the loss on a batch of
 the episodic memory; if they conflict (g . g_ref < 0), g is projected onto the half-space where
 the memory loss does not increase: g <- g - (g . g_ref / g_ref . g_ref) g_ref.
-The memory holds random samples of every experience, split evenly over the experiences seen so far.
+The memory holds random samples of every experience, split evenly over the experiences seen so far;
+with hidden boundaries (task-free) it is a reservoir filled from every training batch instead.
 """
 
 from typing import Literal
@@ -30,6 +31,7 @@ def project(g: Tensor, g_ref: Tensor) -> Tensor:
 
 class AGEM(Strategy):
     Config = AGEMConfig
+    needs_boundaries = ""  # with hidden boundaries its memory is a reservoir (after_step)
 
     def after_backward(self, batch: Batch, ctx: Context) -> None:
         if len(ctx.replay) == 0:
@@ -37,6 +39,10 @@ class AGEM(Strategy):
         params = trainable(ctx.model)
         g_ref = loss_grad(ctx, params, ctx.replay.sample(self.config.reference_batch_size, ctx.rng))
         set_flat_grad(params, project(flat_grad(params), g_ref))
+
+    def after_step(self, batch: Batch, ctx: Context) -> None:
+        if ctx.boundaries == "hidden":
+            ctx.replay.insert({"x": batch.x, "y": batch.y, "t": batch.t}, "reservoir", ctx.rng)
 
     def after_experience(self, ctx: Context) -> None:
         keep_experience_share(ctx)

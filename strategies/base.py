@@ -4,9 +4,14 @@ The trainer (clgrid.train.trainer) owns the loop, the optimizer step, devices an
 only hooks in. Per training experience the hooks fire in this order:
 
     before_experience
-    for every batch:  train_batch -> forward -> loss -> backward -> after_backward -> step -> after_step
+    for every batch:  train_batch -> forward -> task_loss -> loss -> backward -> after_backward -> step -> after_step
     after_experience
+    before_evaluation
     evaluation (predict, for every test experience)
+
+With ``boundaries: hidden`` (task-free) the stream is one sequence of batches: before_experience and
+after_experience never fire, every training batch's task id is 0, and one optimizer serves the
+whole stream; only strategies whose ``needs_boundaries`` is empty run there.
 
 Strategies import torch and this module only: never Ray, MLflow or pyarrow. Persistent storage of
 samples goes through ``ctx.replay``; everything else a strategy keeps lives in ``state_dict()``.
@@ -86,6 +91,7 @@ class Context:
     batch_size, epochs, iterations, lr:  the spec's training settings
     mask:             ``mask(scores, t)``: scores as the task loss sees them (task-IL masks each
                       sample's scores to its task's classes; other scenarios pass them through)
+    boundaries:       "given", or "hidden": no boundary hook fires (a memory fills per batch then)
     reset_optimizer:  ``reset_optimizer(params_or_groups)`` gives the trainer a fresh optimizer
     fit:              ``fit(x, y, t, epochs=, iterations=, loss_fn=, params=, lr=, batch_size=,
                       after_step=)`` trains with the trainer's own loop and cost meters (GDumb, joint
@@ -106,6 +112,7 @@ class Context:
     fit: Callable[..., None]
     experience: "Experience | None" = None
     seen: list["Experience"] = field(default_factory=list)
+    boundaries: str = "given"
 
     @property
     def scenario(self) -> str:
@@ -127,12 +134,15 @@ class Strategy:
     not apply, ``scenarios`` (the spec refuses a strategy on a benchmark whose scenario is missing).
     A strategy that stores samples gives it a MemoryConfig: the trainer sizes ``ctx.replay``
     from ``memory_size``. A strategy that works on the MLP's hidden layers says why in
-    ``needs_hidden_layers`` (the spec refuses it with the linear model, ``hidden: []``).
+    ``needs_hidden_layers`` (the spec refuses it with the linear model, ``hidden: []``). A strategy
+    that can learn without being told where experiences end sets ``needs_boundaries`` to ""; any
+    other is refused with ``boundaries: hidden``, with this reason.
     """
 
     Config: ClassVar[type[StrategyConfig]]
     scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
     needs_hidden_layers: ClassVar[str] = ""
+    needs_boundaries: ClassVar[str] = "acts at experience boundaries (its before_experience/after_experience hooks)"
 
     def __init__(self, config: StrategyConfig):
         self.config = config
@@ -141,6 +151,11 @@ class Strategy:
     def memory_size(self) -> int:
         """Slots of ``ctx.replay``: the Config's ``buffer_size`` if it is a MemoryConfig, else 0."""
         return self.config.buffer_size if isinstance(self.config, MemoryConfig) else 0
+
+    def optimizer_params(self, ctx: Context) -> Iterable[Any]:
+        """What the trainer's fresh optimizer trains (parameters or param groups): each experience's
+        with given boundaries, the one of the whole stream with hidden ones."""
+        return ctx.model.parameters()
 
     def before_experience(self, ctx: Context) -> None:
         """Fires once per training experience, after ``ctx.experience`` is set and a fresh optimizer
@@ -151,8 +166,13 @@ class Strategy:
         (for example with replayed samples appended), or None to skip the step."""
         return batch
 
+    def task_loss(self, batch: Batch, output: Tensor, ctx: Context) -> Tensor | None:
+        """Fires after the forward pass; a scalar replaces the task loss (cross-entropy over all
+        of ``output``), None keeps it."""
+        return None
+
     def loss(self, batch: Batch, output: Tensor, ctx: Context) -> Tensor | None:
-        """Fires after the forward pass; the returned scalar is added to the task loss."""
+        """Fires after ``task_loss``; the returned scalar is added to the task loss."""
         return None
 
     def after_backward(self, batch: Batch, ctx: Context) -> None:
@@ -163,6 +183,11 @@ class Strategy:
 
     def after_experience(self, ctx: Context) -> None:
         """Fires once per training experience, after its last batch and before evaluation."""
+
+    def before_evaluation(self, ctx: Context) -> None:
+        """Fires before each evaluation of the accuracy matrix (an experience's end, also with hidden
+        boundaries), inside the training budget: for a learner that trains when asked to predict
+        (GDumb). Continual evaluation (``evaluate:``) does not fire it."""
 
     def predict(self, x: Tensor, t: Tensor, ctx: Context) -> Tensor:
         """Fires at evaluation for every test batch; returns class scores [batch, num_classes]."""

@@ -24,6 +24,7 @@ class DERConfig(MemoryConfig):
 
 class DER(Strategy):
     Config = DERConfig
+    needs_boundaries = ""
 
     def _memory_scores(self, ctx: Context) -> tuple[Tensor, dict[str, Tensor]]:
         rows = ctx.replay.sample(self.config.replay_batch_size or ctx.batch_size, ctx.rng)

@@ -3,7 +3,10 @@
 Before each experience the model is frozen as a teacher; training adds alpha * T^2 * KL(teacher || student)
 on the new samples' temperature-softened scores over the earlier experiences' classes. Task-IL
 distills every earlier task's head (one term per head, summed): both networks score the batch as if
-it came from that task.
+it came from that task. In class-IL, ``distill: padded`` (van de Ven et al. 2022) takes the student's
+softmax over every class seen so far, the new ones included, against the teacher's padded with
+probability 0 on the new classes: the student is also pulled away from putting old samples in new
+classes, which ``old`` (a softmax over the old classes alone) cannot see.
 """
 
 import copy
@@ -18,10 +21,17 @@ from clgrid.strategies.base import Batch, Context, Strategy, StrategyConfig
 
 
 class LwFConfig(StrategyConfig):
+    """The defaults were chosen on mnist5k test accuracy (quickstart settings,
+    tests/benchmarks/measure_regularization.py) in an earlier release, before clgrid had a
+    validation split; see docs/tuning.md for the validation-tuned values."""
+
     name: Literal["lwf"] = "lwf"
-    # defaults tuned on mnist5k with the quickstart settings: tests/benchmarks/measure_regularization.py
     alpha: float = Field(1.0, ge=0, description="weight of the distillation loss")
     temperature: float = Field(2.0, gt=0, description="softens both networks' scores")
+    distill: Literal["old", "padded"] = Field(
+        "old", description="class-IL: softmax over the old classes only (old), or the student's over all "
+                           "classes seen so far against the teacher's padded with zeros on the new ones "
+                           "(padded, van de Ven et al. 2022)")
 
 
 def distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
@@ -30,6 +40,16 @@ def distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor
     log_p_student = F.log_softmax(student / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return temperature**2 * kl
+
+
+def padded_distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """KL(teacher padded with probability 0 on the student's extra, trailing columns || student),
+    mean over samples, times T^2. The padded entries add nothing to the sum (0 log 0 = 0), so only
+    the teacher's columns are summed; the student's softmax still spans all of its columns."""
+    log_p_student = F.log_softmax(student / temperature, dim=1)[:, : teacher.shape[1]]
+    log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1).mean()
     return temperature**2 * kl
 
 
@@ -67,4 +87,7 @@ class LwF(Strategy):
         classes = sorted({c for e in old for c in e.classes})
         with torch.no_grad():
             teacher = self.teacher(batch.x, batch.t)[:, classes]
+        if self.config.distill == "padded":  # the old classes first: the teacher's columns, then the new ones
+            new = sorted({c for e in ctx.seen for c in e.classes} - set(classes))
+            return self.config.alpha * padded_distillation(output[:, classes + new], teacher, self.config.temperature)
         return self.config.alpha * distillation(output[:, classes], teacher, self.config.temperature)

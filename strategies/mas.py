@@ -16,8 +16,11 @@ from clgrid.strategies.base import Context, StrategyConfig
 
 
 class MASConfig(StrategyConfig):
+    """The defaults were chosen on mnist5k test accuracy (quickstart settings,
+    tests/benchmarks/measure_regularization.py) in an earlier release, before clgrid had a
+    validation split; see docs/tuning.md for the validation-tuned values."""
+
     name: Literal["mas"] = "mas"
-    # defaults tuned on mnist5k with the quickstart settings: tests/benchmarks/measure_regularization.py
     mas_lambda: float = Field(0.1, ge=0, description="penalty strength")
     samples: int = Field(512, ge=1, description="real samples of the experience for the importance")
 

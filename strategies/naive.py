@@ -4,7 +4,7 @@ The lower bound every CL table starts from. ``lr_scale`` gives "fine-tune at 1/1
 rate" as one setting.
 """
 
-from typing import Literal
+from typing import Any, Iterable, Literal
 
 from pydantic import Field
 
@@ -18,7 +18,9 @@ class NaiveConfig(StrategyConfig):
 
 class Naive(Strategy):
     Config = NaiveConfig
+    needs_boundaries = ""
 
-    def before_experience(self, ctx: Context) -> None:
-        if self.config.lr_scale != 1.0:
-            ctx.reset_optimizer([{"params": list(ctx.model.parameters()), "lr": ctx.lr * self.config.lr_scale}])
+    def optimizer_params(self, ctx: Context) -> Iterable[Any]:
+        if self.config.lr_scale == 1.0:
+            return ctx.model.parameters()
+        return [{"params": list(ctx.model.parameters()), "lr": ctx.lr * self.config.lr_scale}]

@@ -19,6 +19,7 @@ class ReplayConfig(MemoryConfig):
 
 class Replay(Strategy):
     Config = ReplayConfig
+    needs_boundaries = ""
 
     def train_batch(self, batch: Batch, ctx: Context) -> Batch:
         self.n_new = len(batch)

@@ -15,8 +15,11 @@ from clgrid.strategies.base import Batch, Context, StrategyConfig
 
 
 class SIConfig(StrategyConfig):
+    """The defaults were chosen on mnist5k test accuracy (quickstart settings,
+    tests/benchmarks/measure_regularization.py) in an earlier release, before clgrid had a
+    validation split; see docs/tuning.md for the validation-tuned values."""
+
     name: Literal["si"] = "si"
-    # defaults tuned on mnist5k with the quickstart settings: tests/benchmarks/measure_regularization.py
     c: float = Field(1.0, ge=0, description="penalty strength")
     xi: float = Field(1e-3, gt=0, description="damping of the importance denominator")
 

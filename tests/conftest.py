@@ -144,3 +144,11 @@ def artifacts_dir() -> Path:
     path = REPO / "test-artifacts"
     path.mkdir(exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> dict:
+    """A real MLflow SQLite store with two sweeps of hand-made trial runs (report_store.make_store)."""
+    from report_store import make_store
+
+    return make_store(tmp_path_factory.mktemp("mlflow"))

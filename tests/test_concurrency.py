@@ -13,7 +13,7 @@ from clgrid.errors import UsageError
 from clgrid.sweep import driver
 from clgrid.sweep.layout import SweepDir, sqlite_uri
 from conftest import write_sweep_json
-from test_report import EXPERIMENT, store  # noqa: F401  (the report's MLflow store fixture)
+from report_store import EXPERIMENT  # the experiment of conftest's `store` fixture
 
 
 def test_two_concurrent_creators_of_one_experiment_get_the_same_id(tmp_path: Path,

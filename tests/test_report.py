@@ -1,10 +1,10 @@
-"""The cost-vs-forgetting report, built from a real MLflow SQLite store laid out like a sweep."""
+"""The cost-vs-forgetting report, built from a real MLflow SQLite store laid out like a sweep (conftest's
+`store`, made by report_store.make_store)."""
 
 from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import re
 from pathlib import Path
@@ -12,102 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
-from mlflow.entities import Metric, Param
-from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from clgrid.report import ReportError, build_report
 from conftest import run_chromium
+from report_store import CONFIGS, EXPERIMENT, GFLOP, MB, T, cost_metrics, make_matrix
 
 REPO = Path(__file__).resolve().parents[1]
-EXPERIMENT = "quickstart"
-BENCH, SCENARIO = "split-digits", "class-incremental"
-T = 3
-MB, GFLOP = 1e6, 1e9
-
-# (label in the report, strategy, config_key, varying params, seeds that finish, seeds that fail)
-CONFIGS = [
-    ("ewc (ewc_lambda=10)", "ewc", "cfg-ewc10", {"strategy.ewc_lambda": "10"}, [1, 2], []),
-    ("ewc (ewc_lambda=100)", "ewc", "cfg-ewc100", {"strategy.ewc_lambda": "100"}, [1], [2]),
-    ("joint", "joint", "cfg-joint", {}, [1, 2], []),
-    ("naive", "naive", "cfg-naive", {}, [1, 2], []),
-]
-RETENTION = {"cfg-lwf": 0.5, "cfg-ewc10": 0.55, "cfg-ewc100": 0.75, "cfg-joint": 1.0, "cfg-naive": 0.25}
-COSTS = {  # flops, replay bytes, strategy state bytes
-    "cfg-ewc10": (1.5e9, 0, 0.8e6), "cfg-ewc100": (1.5e9, 0, 0.8e6),
-    "cfg-joint": (3e9, 5e6, 0), "cfg-naive": (1e9, 0, 0), "cfg-lwf": (1.3e9, 0, 0.4e6),
-}
-MODEL_BYTES = 0.4e6
-
-
-def make_matrix(config_key: str, seed: int) -> dict:
-    """R for T class-incremental experiences: learned at ~0.95, then retained by a strategy factor."""
-    rng = np.random.default_rng([seed, sum(map(ord, config_key))])
-    r = np.zeros((T, T))
-    for i in range(T):
-        for j in range(i + 1):
-            learned = 0.9 + 0.08 * rng.random()
-            r[i, j] = learned if i == j else learned * RETENTION[config_key] ** (i - j)
-        if i + 1 < T:
-            r[i, i + 1] = 0.05 * rng.random()  # a little transfer before training
-    return {"R": np.round(r, 4).tolist(), "b": np.round(0.1 * rng.random(T), 4).tolist(),
-            "experiences": [f"{2 * k}-{2 * k + 1}" for k in range(T)]}
-
-
-def cost_metrics(config_key: str, seed: int) -> dict[str, float]:
-    flops, replay, state = COSTS[config_key]
-    return {"train_flops": flops, "train_seconds": 2.0 + seed * 0.3 + flops / 1e9,
-            "device_seconds": 1.5 + seed * 0.2, "samples_seen": 1000.0,
-            "peak_memory_bytes": 50e6 + seed * 1e6, "replay_bytes": replay,
-            "model_bytes": MODEL_BYTES, "strategy_state_bytes": state}
-
-
-def log_trial(client, exp_id, parent_id, label, strategy, key, params, seed, status, tmp, matrix=True) -> str:
-    tags = {"mlflow.parentRunId": parent_id, "clgrid.role": "trial", "clgrid.strategy": strategy,
-            "clgrid.benchmark": BENCH, "clgrid.scenario": SCENARIO, "clgrid.seed": str(seed),
-            "clgrid.trial_key": f"{key}-s{seed}", "clgrid.spec_hash": "spec1", "clgrid.config_key": key}
-    run = client.create_run(exp_id, tags=tags, run_name=f"{label} seed {seed}")
-    rid = run.info.run_id
-    params = {"strategy.name": strategy, "benchmark.source": "digits", "seed": str(seed), "train.lr": "0.01", **params}
-    metrics = {}
-    if status == "FINISHED":
-        m = make_matrix(key, seed)
-        if matrix:
-            path = tmp / rid / "accuracy_matrix.json"
-            path.parent.mkdir(parents=True)
-            path.write_text(json.dumps(m))
-            client.log_artifact(rid, str(path))
-        metrics = cost_metrics(key, seed) | {"acc": float(np.mean(m["R"][-1]))}
-    client.log_batch(rid, params=[Param(k, v) for k, v in params.items()],
-                     metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
-    client.set_terminated(rid, status)
-    return rid
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """Two sweeps of `quickstart` (the newer is the default) and an experiment that only failed."""
-    tmp = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    client = MlflowClient(uri)
-    exp_id = client.create_experiment(EXPERIMENT, artifact_location=(tmp / "artifacts").as_uri())
-    old = client.create_run(exp_id, start_time=1_000, tags={"clgrid.role": "sweep", "clgrid.sweep_id": "s-old"})
-    log_trial(client, exp_id, old.info.run_id, "lwf", "lwf", "cfg-lwf", {}, 1, "FINISHED", tmp)
-    log_trial(client, exp_id, old.info.run_id, "lwf", "lwf", "cfg-lwf", {}, 2, "FINISHED", tmp, matrix=False)
-    client.set_terminated(old.info.run_id, "FINISHED")
-    new = client.create_run(exp_id, start_time=2_000, tags={"clgrid.role": "sweep", "clgrid.sweep_id": "s-new"})
-    runs = {}
-    for label, strategy, key, params, ok, failed in CONFIGS:
-        for seed in ok + failed:
-            status = "FINISHED" if seed in ok else "FAILED"
-            runs[(key, seed)] = log_trial(client, exp_id, new.info.run_id, label, strategy, key,
-                                          params, seed, status, tmp)
-    client.set_terminated(new.info.run_id, "FINISHED")
-
-    bad_id = client.create_experiment("all-failed", artifact_location=(tmp / "bad").as_uri())
-    bad = client.create_run(bad_id, tags={"clgrid.role": "sweep", "clgrid.sweep_id": "s-bad"})
-    log_trial(client, bad_id, bad.info.run_id, "naive", "naive", "cfg-naive", {}, 1, "FAILED", tmp)
-    return {"uri": uri, "client": client, "parent": new.info.run_id, "runs": runs, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")

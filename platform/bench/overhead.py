@@ -307,7 +307,14 @@ def sweep_child(spec_json: str) -> None:
         trials.append({"start": starts[0], "end": folder.result.stat().st_mtime,
                        "pid": attempts.split("pid=")[1].split()[0],
                        "train_seconds": t.result["metrics"]["train_seconds"] if t.result else None})
-    print(json.dumps({"marks": marks, "trials": trials}))
+    driver = {"peak_rss_mb": peak_rss_mb(), "cpu_seconds": time.process_time()}
+    print(json.dumps({"marks": marks, "trials": trials, "driver": driver}))
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident set (VmHWM; Ray's processes, its children, not counted)."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
 def cli_start() -> float:

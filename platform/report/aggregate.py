@@ -4,6 +4,11 @@ The summary metrics are recomputed (clgrid.train.metrics) from each run's accura
 every column, including intransigence against the group's `joint` reference, comes from one
 source; the logged metrics are the fallback when the artifact is missing or malformed. Costs are
 the logged metrics. Every value is a mean ± 95% Student-t CI over seeds (stats.summarize).
+
+Nothing that chooses reads test data when the runs have a validation split: the marks of an accuracy
+column and the budget's pick compare the validation metric (`val_acc`, ...), the cells still show the
+test one. Tuning runs (phase `tune`) are no rows: they go to the group's `tuning` (report.tuning)
+and their cost, logged on the final runs, to the tuning and total cost columns.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from clgrid.report.collect import FINISHED, Trial
-from clgrid.report.stats import ALPHA, paired_p_value, summarize
+from clgrid.report.stats import ALPHA, holm, paired_p_value, summarize
 from clgrid.tracking.runs import flat_params
+from clgrid.tracking.schema import TUNE
 from clgrid.train import metrics
 
 T = TypeVar("T")
@@ -26,6 +32,8 @@ T = TypeVar("T")
 JOINT = "joint"
 STORAGE_PARTS = ("replay_bytes", "strategy_state_bytes", "model_bytes")
 BUDGET_KEYS = ("compute_flops", "storage_bytes")
+# Accuracy columns with a validation counterpart `val_<key>` (clgrid.train.metrics.summary of R_val).
+VALIDATED = ("acc", "forgetting", "bwt", "fwt", "learning_acc")
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,7 @@ class Column:
     header: str
     higher_is_better: bool
     scale: float | None = None  # costs: multiplier to the header's unit; None: a [0, 1] metric
+    optional: bool = False  # shown only in groups where some run has it
 
     def fmt(self, v: float) -> str:
         if not math.isfinite(v):
@@ -52,11 +61,17 @@ class Column:
 
 COLUMNS = (
     Column("acc", "ACC", True),
+    Column("val_acc", "val ACC", True, optional=True),
     Column("forgetting", "forgetting", False),
     Column("bwt", "BWT", True),
     Column("fwt", "FWT", True),
     Column("learning_acc", "LA", True),
     Column("intransigence", "intransigence", False),
+    # continual evaluation (issue 15; clgrid.train.metrics formulas, docs/design.md)
+    Column("min_acc", "min-ACC", True, optional=True),
+    Column("wc_acc", "WC-ACC", True, optional=True),
+    Column("a_auc", "A_AUC", True, optional=True),
+    Column("stability_gap", "stability gap", False, optional=True),
     Column("train_flops", "train GFLOP", False, 1e-9),
     Column("train_seconds", "train s", False, 1.0),
     Column("device_seconds", "device s", False, 1.0),
@@ -64,8 +79,15 @@ COLUMNS = (
     Column("replay_bytes", "replay MB", False, 1e-6),
     Column("model_bytes", "model MB", False, 1e-6),
     Column("strategy_state_bytes", "strategy state MB", False, 1e-6),
+    Column("eval_seconds", "eval s", False, 1.0, optional=True),
+    # tune-then-test sweeps: the tuning runs' sums, and tuning + this one final run
+    Column("tuning_train_flops", "tuning GFLOP", False, 1e-9, optional=True),
+    Column("tuning_device_seconds", "tuning device s", False, 1.0, optional=True),
+    Column("total_flops", "total GFLOP", False, 1e-9, optional=True),
 )
 COLUMN = {c.key: c for c in COLUMNS}
+SHOWN_WITH = {"total_flops": "tuning_train_flops"}  # an optional column shown when another has values
+VALUE_KEYS = (*COLUMN, "storage_bytes", *(f"val_{k}" for k in VALIDATED if f"val_{k}" not in COLUMN))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,10 +207,18 @@ class Group:
     seeds: list[str]
     cells: dict[tuple[str, str], Cell]  # (config key, column key) -> cell
     budget: Budget
+    columns: list[Column]  # COLUMNS without the optional ones no run of the group has
+    by_validation: bool  # the marks of accuracy columns and the budget's pick compare validation metrics
+    tuning: list[Trial]  # the group's tuning runs (phase tune), finished or not
 
     @property
     def title(self) -> str:
         return f"{self.benchmark} / {self.scenario}"
+
+    @property
+    def trials(self) -> list[Trial]:
+        """The runs behind the table's rows."""
+        return [t for c in self.configs for t in c.by_seed.values()]
 
 
 @dataclass(frozen=True)
@@ -203,11 +233,15 @@ class Issue:
 def aggregate(trials: list[Trial], budgets: Mapping[str, float | None]) -> tuple[list[Group], list[Issue]]:
     """The groups with at least one finished run, and every run not averaged or seed missing."""
     by_group: dict[tuple[str, str], dict[str, list[Trial]]] = defaultdict(lambda: defaultdict(list))
+    tuning: dict[tuple[str, str], list[Trial]] = defaultdict(list)
     for t in trials:
-        by_group[(t.benchmark, t.scenario)][t.config_key].append(t)
+        if t.phase == TUNE:
+            tuning[(t.benchmark, t.scenario)].append(t)
+        else:
+            by_group[(t.benchmark, t.scenario)][t.config_key].append(t)
     groups, issues = [], []
     for (benchmark, scenario), by_config in sorted(by_group.items()):
-        group, found = _group(benchmark, scenario, by_config, budgets)
+        group, found = _group(benchmark, scenario, by_config, budgets, tuning[(benchmark, scenario)])
         issues += found
         if group is not None:
             groups.append(group)
@@ -215,7 +249,7 @@ def aggregate(trials: list[Trial], budgets: Mapping[str, float | None]) -> tuple
 
 
 def _group(benchmark: str, scenario: str, by_config: dict[str, list[Trial]],
-           budgets: Mapping[str, float | None]) -> tuple[Group | None, list[Issue]]:
+           budgets: Mapping[str, float | None], tuning: list[Trial]) -> tuple[Group | None, list[Issue]]:
     title = f"{benchmark} / {scenario}"
     labels = label_configs({key: (runs[0].strategy, [t.params for t in runs]) for key, runs in by_config.items()})
     seeds = sorted({t.seed for runs in by_config.values() for t in runs}, key=_seed_order)
@@ -231,8 +265,12 @@ def _group(benchmark: str, scenario: str, by_config: dict[str, list[Trial]],
     joint = _joint_reference([by_seed for key, by_seed in chosen.items() if strategy[key] == JOINT])
     configs = [Config(key, strategy[key], labels[key].text, labels[key].varying, by_seed, _values(by_seed, joint))
                for key, by_seed in chosen.items()]
-    cells = {(key, col.key): cell for col in COLUMNS for key, cell in _column_cells(configs, col).items()}
-    return Group(benchmark, scenario, configs, seeds, cells, _choose_under_budget(configs, seeds, budgets)), issues
+    by_validation = all(math.isfinite(c.summary("val_acc")[0]) for c in configs)
+    columns = [col for col in COLUMNS if not col.optional
+               or any(math.isfinite(v) for c in configs for v in c.values[SHOWN_WITH.get(col.key, col.key)].values())]
+    cells = {(key, col.key): cell for col in columns for key, cell in _column_cells(configs, col, by_validation).items()}
+    budget = _choose_under_budget(configs, seeds, budgets, by_validation)
+    return Group(benchmark, scenario, configs, seeds, cells, budget, columns, by_validation, tuning), issues
 
 
 def _seed_order(seed: str) -> tuple:
@@ -265,44 +303,52 @@ def _joint_reference(joints: list[dict[str, Trial]]) -> np.ndarray | None:
     if not joints:
         return None
     best = max(joints, key=lambda by_seed: np.nan_to_num(
-        summarize(_trial_values(t, None)["acc"] for t in by_seed.values())[0], nan=-1.0))
+        summarize(trial_values(t, None)["acc"] for t in by_seed.values())[0], nan=-1.0))
     mats = [t.matrix.r for t in best.values() if t.matrix]
     return np.mean(mats, axis=0) if len({m.shape for m in mats}) == 1 else None
 
 
 def _values(by_seed: dict[str, Trial], joint: np.ndarray | None) -> dict[str, dict[str, float]]:
-    per_seed = {s: _trial_values(t, joint) for s, t in by_seed.items()}
-    return {k: {s: v[k] for s, v in per_seed.items()} for k in [*COLUMN, "storage_bytes"]}
+    per_seed = {s: trial_values(t, joint) for s, t in by_seed.items()}
+    return {k: {s: v[k] for s, v in per_seed.items()} for k in VALUE_KEYS}
 
 
-def _trial_values(t: Trial, joint: np.ndarray | None) -> dict[str, float]:
-    vals = {key: t.metrics.get(key, math.nan) for key in COLUMN}
+def trial_values(t: Trial, joint: np.ndarray | None) -> dict[str, float]:
+    vals = {key: t.metrics.get(key, math.nan) for key in VALUE_KEYS}
     if t.matrix is not None:
         vals.update(t.matrix.summary)
         if joint is not None and joint.shape == t.matrix.r.shape:
             vals["intransigence"] = metrics.intransigence(t.matrix.r, joint)
     # An absent storage component is taken as zero bytes (e.g. no replay buffer).
     vals["storage_bytes"] = float(sum(t.metrics.get(k, 0.0) for k in STORAGE_PARTS))
+    # Without a tune phase (or a strategy with nothing tuned) the total is the run's own compute.
+    vals["total_flops"] = vals["train_flops"] + t.metrics.get("tuning_train_flops", 0.0)
     return vals
 
 
-def _column_cells(configs: list[Config], col: Column) -> dict[str, Cell]:
-    """Cells of one column: best mean marked, others tested against it (paired over seeds)."""
+def _column_cells(configs: list[Config], col: Column, by_validation: bool) -> dict[str, Cell]:
+    """Cells of one column: best mean marked, others tested against it (paired over seeds, Holm-corrected
+    over the column's tests). An accuracy column is judged on its validation metric when every row has
+    one (`by_validation`): its cells show test values, its marks never read them."""
+    judged = f"val_{col.key}" if by_validation and col.key in VALIDATED else col.key
     sums = {c.key: c.summary(col.key) for c in configs}
-    finite = [c for c in configs if math.isfinite(sums[c.key][0])]
+    score = {c.key: c.summary(judged)[0] for c in configs}
+    finite = [c for c in configs if math.isfinite(sums[c.key][0]) and math.isfinite(score[c.key])]
     if not finite:
         return {key: Cell(mean, hw, "") for key, (mean, hw) in sums.items()}
-    target = (max if col.higher_is_better else min)(sums[c.key][0] for c in finite)
-    best = [c for c in finite if math.isclose(sums[c.key][0], target, rel_tol=1e-12, abs_tol=1e-15)]
-    finite_keys, best_keys = {c.key for c in finite}, {c.key for c in best}
+    target = (max if col.higher_is_better else min)(score[c.key] for c in finite)
+    best = [c for c in finite if math.isclose(score[c.key], target, rel_tol=1e-12, abs_tol=1e-15)]
+    best_keys = {c.key for c in best}
+    raw = {c.key: paired_p_value(c.values[judged], best[0].values[judged]) for c in finite if c.key not in best_keys}
+    adjusted = holm({k: p for k, p in raw.items() if p is not None})
 
     def cell(c: Config) -> Cell:
         mean, hw = sums[c.key]
-        if c.key not in finite_keys:
-            return Cell(mean, hw, "")
         if c.key in best_keys:
             return Cell(mean, hw, "best")
-        p = paired_p_value(c.values[col.key], best[0].values[col.key])
+        if c.key not in raw:
+            return Cell(mean, hw, "")
+        p = adjusted.get(c.key)
         return Cell(mean, hw, "n/a" if p is None else ("tie" if p >= ALPHA else ""), p)
 
     return {c.key: cell(c) for c in configs}
@@ -320,11 +366,14 @@ def fmt_bytes(x: float) -> str:
     return f"{x / 1e6:.3g} MB"
 
 
-def _choose_under_budget(configs: list[Config], seeds: list[str], budgets: Mapping[str, float | None]) -> Budget:
-    """Highest mean ACC among configurations whose mean compute and storage fit the budgets.
+def _choose_under_budget(configs: list[Config], seeds: list[str], budgets: Mapping[str, float | None],
+                         by_validation: bool) -> Budget:
+    """Highest mean validation accuracy (test ACC without a validation split, and the text says so)
+    among configurations whose mean compute (tuning + final) and storage fit the budgets.
 
     A budget not given defaults to the median cost of the group's configurations."""
-    flops = {c.key: c.summary("train_flops")[0] for c in configs}
+    tuned = any(math.isfinite(v) for c in configs for v in c.values["tuning_train_flops"].values())
+    flops = {c.key: c.summary("total_flops")[0] for c in configs}
     storage = {c.key: c.summary("storage_bytes")[0] for c in configs}
 
     def limit(name: str, costs: dict[str, float]) -> tuple[float, str]:
@@ -337,14 +386,18 @@ def _choose_under_budget(configs: list[Config], seeds: list[str], budgets: Mappi
     max_storage, storage_src = limit("storage_bytes", storage)
     fits = [c for c in configs if flops[c.key] <= max_flops and storage[c.key] <= max_storage
             and math.isfinite(c.summary("acc")[0])]
-    text = (f"Compute budget {fmt_flops(max_flops)} ({flops_src}), storage budget "
+    compute = "tuning + final" if tuned else ""
+    text = (f"Compute budget {fmt_flops(max_flops)} ({', '.join(filter(None, [flops_src, compute]))}), storage budget "
             f"{fmt_bytes(max_storage)} ({storage_src}; replay + strategy state + model): ")
     if not fits:
         return Budget(text + "no configuration fits both budgets.")
-    best = max(fits, key=lambda c: (c.summary("acc")[0], -flops[c.key]))
+    best = max(fits, key=lambda c: (c.summary("val_acc" if by_validation else "acc")[0], -flops[c.key]))
     acc, hw = best.summary("acc")
     ci = f" ± {hw:.3f}" if math.isfinite(hw) else ""
     partial = len(best.by_seed) < len(seeds)
-    detail = (f": ACC {acc:.3f}{ci}, {fmt_flops(flops[best.key])}, {fmt_bytes(storage[best.key])}"
-              + (f" (only {len(best.by_seed)} of {len(seeds)} seeds finished)." if partial else "."))
+    how = (" Picked by mean validation accuracy; the ACC shown is on the test set." if by_validation else
+           " Picked by test accuracy: no validation split ran, so this pick has seen the test set.")
+    detail = (f": ACC {acc:.3f}{ci}, {fmt_flops(flops[best.key])}{' in total' if tuned else ''}, "
+              f"{fmt_bytes(storage[best.key])}"
+              + (f" (only {len(best.by_seed)} of {len(seeds)} seeds finished)." if partial else ".") + how)
     return Budget(text + "the most accurate configuration that fits is ", best, detail)

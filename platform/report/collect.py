@@ -9,6 +9,7 @@ directly) is reported as a whole.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +24,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from clgrid.tracking.schema import (
-    BENCHMARK, CKA_JSON, CONFIG_KEY, MATRIX_JSON, PARENT, PROBE_MATRIX_JSON, ROLE, SCENARIO, SEED, STRATEGY, SWEEP,
-    SWEEP_ID, TRIAL, WEIGHT_DRIFT_JSON, client, search, with_retries,
+    BENCHMARK, CONFIG_KEY, CONTINUAL_JSON, MATRIX_JSON, PARENT, PHASE, PROBE_FILES, ROLE, SCENARIO, SEED, STRATEGY,
+    SWEEP, SWEEP_ID, TRIAL, client, search, with_retries,
 )
 from clgrid.train import metrics
 
@@ -45,6 +46,21 @@ class Matrix:
 
 
 @dataclass(frozen=True)
+class Continual:
+    """A run's continual-evaluation trace: the accuracy on each experience seen so far at training
+    steps ``steps``; experience i started at training step ``boundaries[i]``."""
+
+    steps: np.ndarray
+    acc: list[np.ndarray]  # per evaluation point: one accuracy per experience seen then
+    boundaries: list[float]
+
+    @property
+    def mean(self) -> np.ndarray:
+        """The mean accuracy over the experiences seen, per evaluation point (cont_acc)."""
+        return np.array([a.mean() if a.size else math.nan for a in self.acc])
+
+
+@dataclass(frozen=True)
 class Trial:
     run_id: str
     status: str
@@ -59,6 +75,13 @@ class Trial:
     matrix: Matrix | None  # finished runs with a usable accuracy_matrix.json
     matrix_problem: str | None  # finished runs without one: why
     probes: dict[str, dict] = field(default_factory=dict)  # probe artifact file name -> its JSON
+    tags: dict[str, str] = field(default_factory=dict)
+    continual: Continual | None = None  # runs with continual evaluation (issue 15)
+
+    @property
+    def phase(self) -> str:
+        """``tune`` or ``final`` in a tune-then-test sweep (clgrid.tracking.schema.PHASE), else ""."""
+        return self.tags.get(PHASE, "")
 
 
 @dataclass(frozen=True)
@@ -84,10 +107,12 @@ def collect(uri: str, experiment: str, sweep_id: str | None) -> Sweep:
     runs = search(uri, exp.experiment_id, query, order_by=NEWEST_FIRST)
     finished = [r for r in runs if r.info.status == FINISHED]
     matrices = _read_matrices(c, finished)
-    probes = _read_probes(c, [r for r in finished if "probe_seconds" in r.data.metrics])
+    probes = _read_json(c, [r for r in finished if "probe_seconds" in r.data.metrics], PROBE_FILES)
+    traces = _read_json(c, [r for r in finished if "a_auc" in r.data.metrics], (CONTINUAL_JSON,))
     sweep = Sweep(experiment, parent.data.tags.get(SWEEP_ID, "?") if parent else None,
                   parent.info.run_id if parent else None,
-                  [_trial(r, matrices.get(r.info.run_id), probes.get(r.info.run_id, {})) for r in runs])
+                  [_trial(r, matrices.get(r.info.run_id), probes.get(r.info.run_id, {}),
+                          _continual(traces.get(r.info.run_id, {}).get(CONTINUAL_JSON))) for r in runs])
     _check_finished(sweep)
     return sweep
 
@@ -113,7 +138,7 @@ def _check_finished(sweep: Sweep) -> None:
                       "nothing to report. Wait for the sweep, resume it, or pass another sweep id.")
 
 
-def _trial(run: Run, matrix: Matrix | str | None, probes: dict[str, dict]) -> Trial:
+def _trial(run: Run, matrix: Matrix | str | None, probes: dict[str, dict], continual: Continual | None) -> Trial:
     tags, info, params = run.data.tags, run.info, run.data.params
     return Trial(
         run_id=info.run_id, status=info.status, end_time=info.end_time or 0,
@@ -124,7 +149,8 @@ def _trial(run: Run, matrix: Matrix | str | None, probes: dict[str, dict]) -> Tr
         config_key=tags.get(CONFIG_KEY, info.run_id),
         params=dict(params), metrics=dict(run.data.metrics),
         matrix=matrix if isinstance(matrix, Matrix) else None,
-        matrix_problem=matrix if isinstance(matrix, str) else None, probes=probes,
+        matrix_problem=matrix if isinstance(matrix, str) else None, probes=probes, tags=dict(tags),
+        continual=continual,
     )
 
 
@@ -141,12 +167,12 @@ def _matrix(c: MlflowClient, run: Run, tmp: Path) -> Matrix | str:
         return f"no usable {MATRIX_JSON} ({type(e).__name__}): logged metrics used"
 
 
-def _read_probes(c: MlflowClient, runs: list[Run]) -> dict[str, dict[str, dict]]:
-    """run id -> its probe artifacts (runs with probes on); a missing or broken file is left out:
-    the report's drift section then shows the logged metrics alone."""
+def _read_json(c: MlflowClient, runs: list[Run], names: tuple[str, ...]) -> dict[str, dict[str, dict]]:
+    """run id -> {artifact name: its JSON} of the runs' JSON artifacts ``names``; a missing or broken
+    file is left out: the report then shows the logged metrics alone."""
     def read(run: Run, tmp: Path) -> dict[str, dict]:
         found = {}
-        for name in (PROBE_MATRIX_JSON, CKA_JSON, WEIGHT_DRIFT_JSON):
+        for name in names:
             try:
                 found[name] = json.loads(_artifact_text(c, run, tmp, name))
             except (MlflowException, OSError, ValueError):
@@ -169,6 +195,18 @@ def _artifact_text(c: MlflowClient, run: Run, tmp: Path, name: str) -> str:
         if local.is_file():
             return local.read_text()
     return Path(c.download_artifacts(run.info.run_id, name, str(tmp / run.info.run_id))).read_text()
+
+
+def _continual(data: dict | None) -> Continual | None:
+    """The trace of continual.json, or None when it is absent or malformed (its plot then leaves the
+    run out; the logged summary metrics still count)."""
+    try:
+        steps = np.asarray(data["steps"], dtype=float)
+        acc = [np.asarray(a, dtype=float).ravel() for a in data["acc"]]
+        boundaries = [float(b) for b in data.get("boundaries") or []]
+    except (TypeError, KeyError, ValueError):
+        return None
+    return Continual(steps, acc, boundaries) if steps.ndim == 1 and len(acc) == len(steps) > 0 else None
 
 
 def _parse_matrix(text: str) -> Matrix:

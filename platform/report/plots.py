@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,8 @@ from matplotlib.figure import Figure
 
 from clgrid import fsio
 from clgrid.report.aggregate import Config, Group, short, value_order
-from clgrid.report.stats import pareto_front
+from clgrid.report.collect import Continual
+from clgrid.report.stats import pareto_front, summarize
 
 # (mean, CI half-width) per configuration, in the order of the labels.
 Series = tuple[Sequence[float], Sequence[float]]
@@ -114,6 +116,45 @@ def stream_figure(mats: Sequence[tuple[str, np.ndarray, Sequence[str]]]) -> Figu
     return fig
 
 
+def _mark_boundaries(ax, boundaries: Sequence[float]) -> None:
+    for i, b in enumerate(boundaries[1:]):  # the first experience starts at step 0
+        ax.axvline(b, color="grey", linestyle=":", linewidth=1, label="experience boundary" if i == 0 else None)
+
+
+def continual_figure(curves: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+                     boundaries: Sequence[float]) -> Figure:
+    """Mean accuracy over the experiences seen so far against the training step, one line per
+    (label, steps, mean, CI half-width) with its 95% CI band over seeds; experience boundaries dotted."""
+    fig, (ax,) = _new_figure(1, 1, (9.0, 4.0))
+    for i, (label, steps, mean, hw) in enumerate(curves):
+        ax.plot(steps, mean, color=f"C{i % 10}", linewidth=1.2, label=label)
+        ax.fill_between(steps, mean - np.nan_to_num(hw), mean + np.nan_to_num(hw), color=f"C{i % 10}", alpha=0.2)
+    _mark_boundaries(ax, boundaries)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("accuracy on the experiences seen")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="outside right upper" if len(curves) > 6 else "best")
+    return fig
+
+
+def continual_experiences_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[float]]]) -> Figure:
+    """Per configuration (label, steps, [step, experience] mean accuracy, boundaries): each experience's
+    accuracy from when it starts, where the stability gap shows as a dip right after a boundary."""
+    fig, axes = _panel_grid(len(panels), (4.2, 3.0))
+    for ax, (label, steps, acc, boundaries) in zip(axes, panels):
+        for j in range(acc.shape[1]):
+            ax.plot(steps, acc[:, j], linewidth=1, label=f"exp {j}")
+        _mark_boundaries(ax, boundaries)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("accuracy")
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    return fig
+
+
 def sensitivity_figure(strategy: str, param: str, values: Sequence[str], acc: Series) -> Figure:
     """Mean accuracy (with CI) against the one hyperparameter the grid varies for a strategy."""
     fig, (ax,) = _new_figure(1, 1, (5.0, 3.5))
@@ -155,10 +196,13 @@ def draw(group: Group, out_dir: Path) -> list[Image]:
 
 def _figures(cfgs: list[Config]) -> list[tuple[str, str, Callable[..., Figure], tuple]]:
     """(file name, title, figure function, its arguments) of each figure of a group."""
+    # A tune-then-test sweep: what a configuration cost is its tuning plus its final run.
+    tuned = any(math.isfinite(v) for c in cfgs for v in c.values["tuning_train_flops"].values())
+    compute = ("total GFLOP (tuning + final run)", "total_flops") if tuned else ("training GFLOP", "train_flops")
     figures = [("tradeoff", "Accuracy and forgetting vs training compute and storage (Pareto front dashed)",
                 tradeoff_figure, (
                     [c.label for c in cfgs],
-                    {"training GFLOP": _series(cfgs, "train_flops", 1e-9),
+                    {compute[0]: _series(cfgs, compute[1], 1e-9),
                      "storage MB (replay + strategy state + model)": _series(cfgs, "storage_bytes", 1e-6)},
                     {"ACC": (_series(cfgs, "acc"), True), "forgetting": (_series(cfgs, "forgetting"), False)}))]
     mats = _mean_matrices(cfgs)
@@ -166,6 +210,13 @@ def _figures(cfgs: list[Config]) -> list[tuple[str, str, Callable[..., Figure], 
         figures += [("matrices", "Accuracy matrices (mean over seeds)", heatmap_figure, (mats,)),
                     ("stream", "Accuracy on each experience over the stream (mean over seeds)", stream_figure, (mats,))]
     figures += _drift_figures(cfgs)
+    traces = _mean_traces(cfgs)
+    if traces:
+        figures += [
+            ("continual", "Accuracy over training steps (continual evaluation, mean ± 95% CI over seeds)",
+             continual_figure, ([(label, steps, mean, hw) for label, steps, mean, hw, _, _ in traces], traces[0][5])),
+            ("continual-experiences", "Accuracy on each experience over training steps (mean over seeds)",
+             continual_experiences_figure, ([(label, steps, per_exp, b) for label, steps, _, _, per_exp, b in traces],))]
     by_strategy: dict[str, list[Config]] = defaultdict(list)
     for c in cfgs:
         by_strategy[c.strategy].append(c)
@@ -240,6 +291,34 @@ def _drift_figures(cfgs: list[Config]) -> list[tuple[str, str, Callable[..., Fig
         figures.append(("weight-drift", "Weight drift per layer over the stream (mean over seeds)", drift_figure,
                         ([(c.label, dict(zip(a["layers"], m))) for c, m, a in drifts],)))
     return figures
+
+
+def _mean_traces(configs: list[Config]) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[float]]]:
+    """Per configuration with continual-evaluation traces: (label, the steps every seed evaluated at,
+    mean and CI half-width over seeds of the accuracy on the experiences seen, the [step, experience]
+    mean accuracy (NaN before an experience starts), the first seed's boundaries)."""
+    out = []
+    for c in configs:
+        runs: list[Continual] = [t.continual for t in c.by_seed.values() if t.continual is not None]
+        if not runs:
+            continue
+        steps = np.array(sorted(set.intersection(*(set(r.steps.tolist()) for r in runs))))
+        if not steps.size:
+            continue
+        at = [{s: i for i, s in enumerate(r.steps.tolist())} for r in runs]
+        means = [[r.mean[a[s]] for r, a in zip(runs, at)] for s in steps]
+        mean, hw = (np.array(x) for x in zip(*(summarize(m) for m in means)))
+        width = max(len(a) for r in runs for a in r.acc)
+        per_exp = np.full((len(runs), len(steps), width), np.nan)
+        for k, (r, a) in enumerate(zip(runs, at)):
+            for i, s in enumerate(steps):
+                row = r.acc[a[s]]
+                per_exp[k, i, : row.size] = row
+        with warnings.catch_warnings():  # an experience not started yet at a step stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            seen = np.nanmean(per_exp, axis=0)
+        out.append((c.label, steps, mean, hw, seen, runs[0].boundaries))
+    return out
 
 
 def _mean_matrices(configs: list[Config]) -> list[tuple[str, np.ndarray, list[str]]]:

@@ -4,22 +4,38 @@ from __future__ import annotations
 
 import base64
 import html as _html
+import math
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from clgrid.report.aggregate import COLUMNS, Budget, Cell, Column, Config, Group, Issue
+from clgrid.report.aggregate import Budget, Cell, Column, Config, Group, Issue
 from clgrid.report.collect import Sweep
 from clgrid.report.plots import Image
-from clgrid.report.stats import summarize
+from clgrid.report.setting import class_orders, setting
+from clgrid.report.stats import ALPHA, MIN_SEEDS, summarize
+from clgrid.report.tuning import compare
 
 Section = tuple[Group, list[Image]]
 
 MARK_TEXT = {"best": "★", "tie": "≈", "n/a": "n/a", "": ""}
 LEGEND = ("Mean ± 95% CI over seeds (Student t). ★ best in the column; ≈ not significantly different "
-          "from the best (paired t-test over matching seeds, p ≥ 0.05); n/a: fewer than 2 paired seeds, "
-          "no test. Higher is better for ACC, BWT, FWT, LA; lower for forgetting, intransigence "
-          "and costs. Intransigence is against the group's joint strategy. ⚠: seeds missing, "
-          "see Missing or failed runs.")
+          "from the best (paired t-test over matching seeds, Holm-corrected over the column's rows, p ≥ 0.05); "
+          "n/a: fewer than 2 paired seeds, no test. Where the runs have a validation split, ★ and ≈ of ACC, "
+          "forgetting, BWT, FWT and LA compare the validation values (val_acc, ...) and the cells show the "
+          "test values. Higher is better for ACC, BWT, FWT, LA, min-ACC, WC-ACC, A_AUC; lower for forgetting, "
+          "intransigence, stability gap and costs. Intransigence is against the group's joint strategy. "
+          "Total GFLOP: the strategy's tuning runs plus one final run. ⚠: seeds missing, see Missing or failed runs.")
+BY_TEST = ("★ and the budget's pick compare test accuracy: these runs had no validation split, so the "
+           "choices have seen the test set.")
+BY_VALIDATION = "★ and the budget's pick compare validation metrics; every number shown is on the test set."
+TUNING_TITLE = "What tuning on test would have said"
+TUNING_NOTE = ("Per strategy, among its tuning runs: the configuration the validation metric picked (the final "
+               "runs' configuration) and the one the best mean test accuracy would have picked, each with its mean "
+               "test ACC over the tuning seeds; optimism = the difference. Rankings: this sweep's (final runs' "
+               "test ACC) against the one a test-tuned report would print (the test pick's ACC).")
+TUNING_HEADER = ["strategy", "configurations tried", "validation's pick", "its test ACC", "final runs' test ACC",
+                 "test's pick", "its test ACC", "optimism"]
+
 ISSUE_HEADER = ["group", "configuration", "seed", "run id", "problem"]
 NO_ISSUES = "None: every configuration finished on every seed."
 CSS = """
@@ -42,6 +58,51 @@ def intro(sweep: Sweep) -> str:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (f"Experiment {sweep.experiment}, {source}: {sweep.n_finished} of {len(sweep.trials)} trial runs "
             f"finished. Generated {when}.")
+
+
+def heading(group: Group) -> str:
+    """The group's title, with its setting when it is not the offline, announced-boundary one."""
+    named = setting(group)
+    return f"{group.title} — {named}" if named else group.title
+
+
+def notes(group: Group) -> list[str]:
+    """What the reader needs before the table: what the marks compare, whether the seeds can
+    separate rows, the class orders that ran."""
+    out = [BY_VALIDATION if group.by_validation else BY_TEST]
+    if len(group.seeds) < MIN_SEEDS:
+        out.append(f"Only {len(group.seeds)} seed(s): too few to separate rows. A paired t-test on fewer than "
+                   f"{MIN_SEEDS} seeds has at most 1 degree of freedom (|t| > 12.7 for p < {ALPHA}, more after "
+                   "Holm), so ≈ and its absence say little; run more seeds to rank these rows.")
+    orders = class_orders(group)
+    if orders:
+        listed = "; ".join(f"[{order}] (seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)})" for order, seeds in orders)
+        out.append(f"Class orders: {len(orders)} distinct over {len(group.seeds)} seed(s): {listed}.")
+    return out
+
+
+def tuning_section(group: Group) -> tuple[list[list[str]], str] | None:
+    """The rows of the tuning-on-test table and the rankings' sentence; None without a tune phase."""
+    comparison = compare(group)
+    if comparison is None:
+        return None
+
+    def acc(x: float) -> str:
+        return f"{x:.3f}" if math.isfinite(x) else "—"
+
+    rows = []
+    for p in comparison.strategies:
+        final = "—" if not math.isfinite(p.final_acc[0]) else acc(p.final_acc[0]) + (
+            f" ± {p.final_acc[1]:.3f}" if math.isfinite(p.final_acc[1]) else "")
+        val = p.by_validation
+        rows.append([p.strategy, f"{p.n_configs} ({p.n_finished} of {p.n_runs} runs finished)",
+                     val.label if val else "— (no val_acc)", acc(val.tuning_acc) if val else "—", final,
+                     p.by_test.label, acc(p.by_test.tuning_acc), f"{p.optimism:+.3f}" if math.isfinite(p.optimism) else "—"])
+    tau = (f"Kendall's τ = {comparison.tau:.2f} (p = {comparison.p:.2g}, {len(comparison.by_validation)} strategies)"
+           if math.isfinite(comparison.tau) else "Kendall's τ: needs two strategies with a ranking")
+    text = (f"Ranking as this sweep reports it: {' > '.join(comparison.by_validation) or '—'}. "
+            f"As tuning on test would have reported it: {' > '.join(comparison.by_test) or '—'}. {tau}.")
+    return rows, text
 
 
 def _cell_text(col: Column, cell: Cell) -> str:
@@ -105,10 +166,10 @@ def _md_row(cells: list[str]) -> str:
 
 
 def _md_table(group: Group) -> list[str]:
-    header = ["configuration", "seeds"] + [c.header for c in COLUMNS]
+    header = ["configuration", "seeds"] + [c.header for c in group.columns]
     lines = [_md_row(header), "|" + "---|" * len(header)]
     for c in group.configs:
-        cells = [_cell_text(col, group.cells[(c.key, col.key)]) for col in COLUMNS]
+        cells = [_cell_text(col, group.cells[(c.key, col.key)]) for col in group.columns]
         lines.append(_md_row([_md_escape(c.label), _seeds_text(group, c)] + cells))
     return lines
 
@@ -116,8 +177,13 @@ def _md_table(group: Group) -> list[str]:
 def markdown(experiment: str, intro_text: str, sections: list[Section], issues: list[Issue]) -> str:
     out = [f"# Cost-vs-forgetting report: {experiment}", "", intro_text, "", LEGEND, ""]
     for g, images in sections:
-        out += [f"## {g.title}", "", *_md_table(g), "", "### Best under a budget", "",
-                _budget_text(g.budget, lambda s: f"**{s}**", _md_escape), ""]
+        out += [f"## {heading(g)}", "", *(line for note in notes(g) for line in (note, "")), *_md_table(g), "",
+                "### Best under a budget", "", _budget_text(g.budget, lambda s: f"**{s}**", _md_escape), ""]
+        tuning = tuning_section(g)
+        if tuning:
+            rows, text = tuning
+            out += [f"### {TUNING_TITLE}", "", TUNING_NOTE, "", _md_row(TUNING_HEADER), "|" + "---|" * len(TUNING_HEADER),
+                    *(_md_row([_md_escape(x) for x in row]) for row in rows), "", text, ""]
         head, rows = drift_table(g)
         if rows:
             out += [f"### {DRIFT_TITLE}", "", DRIFT_NOTE, "", _md_row(head), "|" + "---|" * len(head),
@@ -145,13 +211,13 @@ def _html_results(group: Group) -> str:
     rows = []
     for c in group.configs:
         tds = [f"<td class='label'>{_html.escape(c.label)}</td>", f"<td>{_seeds_text(group, c)}</td>"]
-        for col in COLUMNS:
+        for col in group.columns:
             cell = group.cells[(c.key, col.key)]
-            tip = f" title='paired t-test vs best: p = {cell.p:.3g}'" if cell.p is not None else ""
+            tip = f" title='paired t-test vs best, Holm-adjusted: p = {cell.p:.3g}'" if cell.p is not None else ""
             css = {"best": "best", "tie": "tie"}.get(cell.mark, "")
             tds.append(f"<td class='{css}'{tip}>{_html.escape(_cell_text(col, cell))}</td>")
         rows.append("<tr>" + "".join(tds) + "</tr>")
-    return _html_table(["configuration", "seeds"] + [c.header for c in COLUMNS], rows)
+    return _html_table(["configuration", "seeds"] + [c.header for c in group.columns], rows)
 
 
 def html(experiment: str, intro_text: str, sections: list[Section], issues: list[Issue]) -> str:
@@ -162,8 +228,14 @@ def html(experiment: str, intro_text: str, sections: list[Section], issues: list
                     "see <a href='#missing'>Missing or failed runs</a>.</p>")
     body.append(f"<p><small>{e(LEGEND)}</small></p>")
     for g, images in sections:
-        body += [f"<h2>{e(g.title)}</h2>", _html_results(g), "<h3>Best under a budget</h3>",
-                 f"<p>{_budget_text(g.budget, lambda s: f'<strong>{s}</strong>', e)}</p>"]
+        body += [f"<h2>{e(heading(g))}</h2>", *(f"<p>{e(note)}</p>" for note in notes(g)), _html_results(g),
+                 "<h3>Best under a budget</h3>", f"<p>{_budget_text(g.budget, lambda s: f'<strong>{s}</strong>', e)}</p>"]
+        tuning = tuning_section(g)
+        if tuning:
+            rows, text = tuning
+            body += [f"<h3>{e(TUNING_TITLE)}</h3>", f"<p><small>{e(TUNING_NOTE)}</small></p>", _html_table(
+                TUNING_HEADER, ["<tr>" + "".join(f"<td class='label'>{e(x)}</td>" for x in row) + "</tr>" for row in rows]),
+                f"<p>{e(text)}</p>"]
         head, rows = drift_table(g)
         if rows:
             body += [f"<h3>{e(DRIFT_TITLE)}</h3>", f"<p><small>{e(DRIFT_NOTE)}</small></p>", _html_table(head, [

@@ -1,4 +1,5 @@
-"""Small statistics used by the report: seed summaries, paired tests, Pareto fronts.
+"""Small statistics used by the report: seed summaries, paired tests and their multiple-comparison
+correction, Pareto fronts.
 
 Student t through scipy.special: scipy.stats computes the same from it, and takes half a second
 more to import than the rest of the report.
@@ -14,6 +15,9 @@ from scipy import special
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
+# Paired seeds below which the report says rows cannot be separated: one degree of freedom needs
+# |t| > 12.7 for p < 0.05 (more after Holm), so only near-constant differences ever test significant.
+MIN_SEEDS = 3
 
 
 def summarize(values: Iterable[float]) -> tuple[float, float]:
@@ -49,6 +53,18 @@ def paired_p_value(a: Mapping[str, float], b: Mapping[str, float]) -> float | No
         return 1.0 if abs(d[0]) <= 1e-12 * scale else 0.0
     t = d.mean() / math.sqrt(d.var(ddof=1) / d.size)
     return float(2 * special.stdtr(d.size - 1, -abs(t)))  # scipy.stats.ttest_rel(x, y).pvalue
+
+
+def holm(p_values: Mapping[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values (Holm 1979): the i-th smallest of m is multiplied by
+    m - i + 1, made monotone and capped at 1. Rejecting where the adjusted p < alpha keeps the
+    family-wise error rate at alpha however many rows are tested against the best."""
+    order = sorted(p_values, key=lambda k: p_values[k])
+    m, running, out = len(order), 0.0, {}
+    for i, key in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p_values[key]))
+        out[key] = running
+    return out
 
 
 def pareto_front(points: list[tuple[float, float]], maximize_y: bool) -> list[int]:

@@ -17,8 +17,9 @@ from pydantic import ValidationError
 
 from clgrid import pipelines
 from clgrid.errors import SpecError
-from clgrid.spec.grid import axes, grid_size, pairs, strategy_points, trial_count
+from clgrid.spec.grid import axes, distributions, grid_size, pairs, strategy_points, trial_count, unsupported
 from clgrid.spec.schema import GRID_MODELS, PipelineSpec, digest
+from clgrid.spec.spaces import KINDS
 from clgrid.spec.yaml_safe import MAX_SPEC_CHARS, compose
 from clgrid.strategies import REGISTRY
 
@@ -68,14 +69,18 @@ def semantic_problems(spec: PipelineSpec) -> list[tuple[tuple, str]]:
     problems: list[tuple[tuple, str]] = []
     for pair in pairs(spec):
         if not pair.supported:
-            scenarios = REGISTRY[pair.grid.name].scenarios
+            why = unsupported(pair.grid.name, pair.benchmark).replace("the benchmark", f"benchmarks.{pair.index}", 1)
             problems.append((("strategies", pair.entry, "name"),
-                             f"strategy '{pair.grid.name}' supports {', '.join(scenarios)}; benchmarks.{pair.index} "
-                             f"({pair.benchmark.id}) is {pair.benchmark.scenario} (set `unsupported: skip` to skip such pairs)"))
+                             f"strategy '{pair.grid.name}' {why} (set `unsupported: skip` to skip such pairs)"))
+    if spec.train.online and (given := [k for k in ("iterations", "epochs") if k in spec.train.model_fields_set]):
+        problems.append((("train", given[0]), "online: true trains one pass over each experience; "
+                         f"remove {given[0]} (or set online: false)"))
     if spec.model.name == "mlp" and not spec.model.hidden:
         problems += [(("strategies", i, "name"), f"strategy '{grid.name}' {why}; model.hidden is [] (the linear "
                       "model): give the MLP at least one hidden layer")
                      for i, grid in enumerate(spec.strategies) if (why := REGISTRY[grid.name].needs_hidden_layers)]
+    tuning = _tuning_problems(spec)
+    problems += tuning
     n_trials = trial_count(spec)
     if n_trials > spec.max_trials:
         configs = sum(grid_size(grid) for grid in spec.strategies)
@@ -86,7 +91,35 @@ def semantic_problems(spec: PipelineSpec) -> list[tuple[tuple, str]]:
     if n_trials == 0:
         problems.append((("strategies",), "no trial left: every strategy is skipped on every benchmark "
                          "(`unsupported: skip`)"))
-    return problems + _configurations_twice(spec) + _benchmarks_or_seeds_twice(spec)
+    # tuning's points are not known yet; distributions without `tune:` are no configurations
+    twice = _configurations_twice(spec) if spec.tune is None and not tuning else []
+    return problems + twice + _benchmarks_or_seeds_twice(spec)
+
+
+def _tuning_problems(spec: PipelineSpec) -> list[tuple[tuple, str]]:
+    """A tuned spec's refusals: tuning seeds shared with the final ones, a stream shorter than
+    first-experiences, no validation split to score on, distributions under grid search; and
+    distributions in a spec without ``tune:``."""
+    tune, problems = spec.tune, []
+    where = {(("strategies", i, k) if section == "strategy" else ("train", k)): space
+             for i, grid in enumerate(spec.strategies) for (section, k), space in distributions(grid, spec.train).items()}
+    if tune is None:
+        return [(loc, f"{{{space.kind}: ...}} is a search space: give the spec a `tune:` section (docs/tuning.md), "
+                 "or a value or list here") for loc, space in where.items()]
+    problems += [(loc, f"{{{space.kind}: ...}}: search grid takes values and lists only; use search random or "
+                  "optuna for distributions") for loc, space in where.items() if tune.search == "grid"]
+    final = set(spec.seeds)
+    problems += [(("tune", "seeds", k), f"seed {seed} is also in `seeds`; tuning seeds must not overlap the final "
+                  "seeds (the final trials would not be independent of the choice)")
+                 for k, seed in enumerate(tune.seeds) if seed in final]
+    for j, bench in enumerate(spec.benchmarks):
+        if tune.experiences is not None and tune.experiences > bench.experiences:
+            problems.append((("tune", "experiences"), f"{tune.experiences} experiences, but benchmarks.{j} "
+                             f"({bench.id}) has {bench.experiences}; expected at most {bench.experiences}"))
+        if bench.validation == 0:
+            problems.append((("benchmarks", j, "validation"), "tuning scores on the validation split; "
+                             "expected a fraction > 0 (default 0.1) in a spec with `tune:`"))
+    return problems
 
 
 def _configurations_twice(spec: PipelineSpec) -> list[tuple[tuple, str]]:
@@ -134,7 +167,7 @@ def _problem(filename: str, lines: _Lines, loc: tuple, msg: str) -> str:
 
 def _format_error(err: dict, lines: _Lines, filename: str) -> str:
     loc, msg = err["loc"], err["msg"]
-    if err["type"] == "union_tag_invalid":
+    if err["type"] == "union_tag_invalid" and len(loc) == 2:  # strategies.i: deeper ones are search spaces
         loc = (*loc, "name")
         msg = f"unknown strategy {_shown(err['ctx']['tag'])}; valid strategies: {', '.join(sorted(REGISTRY))}"
     elif err["type"] == "union_tag_not_found":
@@ -163,6 +196,9 @@ def _escape(c: str) -> str:
 def _one_line(msg: Any, limit: int = 400) -> str:
     text = _escaped(str(msg))
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+_UNION_TAGS = {"grid", *KINDS}  # the members of a search-space union (spaces.searchable): not in the YAML
 
 
 class _Lines:
@@ -194,7 +230,7 @@ class _Lines:
             if child is not None:
                 node = child
                 parts.append(_path_part(part))
-            elif part not in GRID_MODELS:
+            elif part not in GRID_MODELS and part not in _UNION_TAGS:
                 parts.append(_path_part(part))
         return ".".join(parts) or "<root>", line
 

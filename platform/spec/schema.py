@@ -13,13 +13,15 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_serializer, model_validator
 from pydantic_core import PydanticUndefined
 
-from clgrid.benchmarks import BenchmarkSpec
+from clgrid.benchmarks import KEYS, BenchmarkSpec
+from clgrid.spec import spaces
 from clgrid.strategies import REGISTRY, StrategyConfig
 from clgrid.sweep import layout
 from clgrid.train.models import ModelSpec
+from clgrid.train.continual import EvaluateSpec
 from clgrid.train.probes import ProbesSpec
 
 MAX_TRIALS_DEFAULT = 10_000
@@ -43,6 +45,21 @@ class TrainSpec(Strict):
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast of the training step and evaluation; fp16 adds a gradient scaler")
+    online: bool = Field(False, description="one pass over each experience, every sample used once "
+                                            "(give no epochs or iterations); docs/online.md")
+
+    @model_serializer(mode="wrap")
+    def _fp32_unsaid(self, handler: Any) -> dict[str, Any]:
+        """fp32 is left out of dumps: trials that ask for no mixed precision keep the config and
+        trial keys they had before it existed (a dump without it loads back as fp32)."""
+        data = handler(self)
+        if data.get("precision") == "fp32":
+            del data["precision"]
+        if data.get("online") is False:  # likewise for offline training
+            del data["online"]
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -58,6 +75,49 @@ class TrainSpec(Strict):
         return {"epochs": self.epochs, "iterations": self.iterations}
 
 
+_LR = Annotated[float, Field(gt=0)]
+
+
+class TrainGrid(TrainSpec):
+    """The spec's ``train``: ``lr`` may also be a list (a grid axis) or, under ``tune:``, a distribution."""
+
+    lr: spaces.searchable("lr", float, _LR, Union[_LR, Annotated[list[_LR], Field(min_length=1)]]) = Field(  # type: ignore[valid-type]
+        1e-3, description="a value, a list (grid axis) or, under tune:, a distribution")
+
+    def at(self, lr: float) -> TrainSpec:
+        """The TrainSpec of one trial: this one with ``lr``."""
+        return TrainSpec.model_validate({**self.model_dump(mode="json"), "lr": lr})
+
+    @property
+    def lrs(self) -> list[float] | None:
+        """The grid axis of learning rates (a scalar is one); None for a distribution."""
+        return None if isinstance(self.lr, spaces.Space) else self.lr if isinstance(self.lr, list) else [self.lr]
+
+
+class TuneSpec(Strict):
+    """Tune-then-test (docs/tuning.md): tuning trials on ``seeds`` scored on the validation split,
+    then each strategy's best configuration on the spec's seeds, scored on test."""
+
+    protocol: Literal["validation", "first-experiences"] = Field(
+        "validation", description="validation: the whole stream scored on validation; first-experiences: only "
+                                  "the first `experiences` experiences (Chaudhry et al. 2019)")
+    experiences: int | None = Field(None, ge=1, description="for first-experiences: how many experiences tuning trains")
+    search: Literal["grid", "random", "optuna"] = Field(
+        "random", description="Ray Tune's BasicVariantGenerator (grid, random) or OptunaSearch")
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="asha: ASHA with the experience as time")
+    num_samples: int = Field(8, ge=1, le=10_000, description="configurations tried per strategy (grid: the whole grid)")
+    seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(
+        [100], min_length=1, description="tuning seeds; must not overlap `seeds`")
+    metric: Literal["acc", "learning_acc", "bwt", "fwt"] = Field(
+        "acc", description="validation metric maximised (val_<metric>): the mean over the tuning seeds")
+
+    @model_validator(mode="after")
+    def _experiences_for_protocol(self) -> TuneSpec:
+        if (self.protocol == "first-experiences") != (self.experiences is not None):
+            raise ValueError("give `experiences` with protocol first-experiences, and only with it")
+        return self
+
+
 class ResourcesSpec(Strict):
     """What each trial gets; fractions of a GPU let several small trials share one."""
 
@@ -65,6 +125,9 @@ class ResourcesSpec(Strict):
     gpus_per_trial: float = Field(0.0, ge=0)
     max_concurrent: int | None = Field(None, ge=1, description="default: as many as the resources allow")
     max_failures: int = Field(2, ge=0, description="retries of a failed trial, from its last checkpoint")
+    device_data_share: float = Field(
+        0.5, ge=0, le=1, description="on a GPU: a trial's data moves there once if it fits in this share of "
+                                     "the trial's GPU memory (else pinned batches are copied as they train)")
 
 
 class TrackingSpec(Strict):
@@ -105,8 +168,9 @@ def _grid_model(config: type[StrategyConfig]) -> type[BaseModel]:
         annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
         is_list = getattr(info.annotation, "__origin__", None) is list
         default = info.default
-        if name != "name" and not is_list:  # a scalar or a list of them: validated as a list
-            annotation = Annotated[list[annotation], BeforeValidator(_as_list), Field(min_length=1)]  # type: ignore[valid-type]
+        if name != "name" and not is_list:  # a scalar or a list of them: validated as a list; or a search space
+            grid = Annotated[list[annotation], BeforeValidator(_as_list), Field(min_length=1)]  # type: ignore[valid-type]
+            annotation = spaces.searchable(f"{config.__name__}_{name}", info.annotation, annotation, grid)
             default = default if default is PydanticUndefined else [default]
         fields[name] = (annotation, Field(default, description=info.description))
     return create_model(f"{config.__name__}Grid", __config__=Strict.model_config, **fields)
@@ -123,13 +187,17 @@ class PipelineSpec(Strict):
     benchmarks: list[BenchmarkSpec] = Field(min_length=1)
     strategies: list[StrategyGrid] = Field(min_length=1)  # type: ignore[valid-type]
     model: ModelSpec = ModelSpec()
-    train: TrainSpec = TrainSpec()
+    train: TrainGrid = TrainGrid()
     seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field([0], min_length=1)
+    tune: TuneSpec | None = Field(None, description="tune-then-test (docs/tuning.md); absent: every configuration "
+                                                     "runs on `seeds`")
     resources: ResourcesSpec = ResourcesSpec()
     tracking: TrackingSpec = TrackingSpec()
     storage: StorageSpec = StorageSpec()
     report: ReportSpec = ReportSpec()
     probes: ProbesSpec = ProbesSpec()
+    evaluate: EvaluateSpec | None = Field(None, description="continual evaluation between the boundaries; "
+                                                            "absent: only at each experience's end")
     max_trials: int = Field(MAX_TRIALS_DEFAULT, ge=1, le=MAX_TRIALS_LIMIT, description="refuse grids larger than this")
     unsupported: Literal["error", "skip"] = Field(
         "error", description="a strategy paired with a benchmark whose scenario it does not apply to: "
@@ -148,11 +216,15 @@ class PipelineSpec(Strict):
         """Hash of what the sweep computes. Where it stores and logs, how many trials run at once
         and how often they retry do not change it, so `clgrid resume SPEC --max-concurrent 4` still
         finds the sweep that `clgrid run SPEC --max-concurrent 2` started."""
-        operational: dict[str, Any] = {"resources": {"max_concurrent", "max_failures"}, "storage": {"root"},
+        operational: dict[str, Any] = {"resources": {"max_concurrent", "max_failures", "device_data_share"}, "storage": {"root"},
                                        "tracking": True, "report": True}
         if not self.probes.enabled:  # a spec without probes keeps the hash it had before they existed
             operational["probes"] = True
-        return digest(self.model_dump(mode="json", exclude=operational))
+        if self.evaluate is None:  # likewise without continual evaluation
+            operational["evaluate"] = True
+        if self.tune is None:  # and without tuning
+            operational["tune"] = True
+        return digest(self.model_dump(mode="json", exclude=operational, context=KEYS))
 
 
 class TrialSpec(Strict):
@@ -169,11 +241,12 @@ class TrialSpec(Strict):
     resources: ResourcesSpec
     storage: StorageSpec
     probes: ProbesSpec = ProbesSpec()  # measured, not trained: in neither config_key nor trial_key
+    evaluate: EvaluateSpec | None = None  # likewise
 
     @property
     def config_key(self) -> str:
         """Hash of what is trained, without the seed: the seeds of one configuration share it."""
-        return digest(self.model_dump(mode="json", include={"benchmark", "strategy", "model", "train"}))
+        return digest(self.model_dump(mode="json", include={"benchmark", "strategy", "model", "train"}, context=KEYS))
 
     @property
     def trial_key(self) -> str:

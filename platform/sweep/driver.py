@@ -29,8 +29,10 @@ from ray import tune
 from clgrid import fsio, tracking
 from clgrid.report.aggregate import label_trials, short
 from clgrid.spec import PipelineSpec, TrialSpec, expand
+from clgrid.spec.grid import expected_work
 from clgrid.sweep import liveness, outbox
 from clgrid.sweep.layout import SweepDir, SweepMeta, SweepTrial, check_storage, reports_dir
+from clgrid.sweep.lease import SweepLease
 from clgrid.sweep.trial import FAULT_ENV, TrialConfig, trainable
 
 
@@ -73,8 +75,9 @@ def new_sweep_folder(root: Path) -> SweepDir:
             continue
 
 
-def prepare(spec: PipelineSpec) -> Path:
-    """Creates the sweep folder, the MLflow parent and child runs, and ``sweep.json``."""
+def prepare(spec: PipelineSpec, held: contextlib.ExitStack | None = None) -> Path:
+    """Creates the sweep folder, the MLflow parent and child runs, and ``sweep.json``. With ``held``,
+    the sweep's lease is taken as soon as its folder exists, and held until ``held`` closes."""
     check_storage(spec.storage.root)
     root = Path(spec.storage.root).resolve()
     trials = expand(spec)
@@ -82,6 +85,8 @@ def prepare(spec: PipelineSpec) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     exp_id = tracking.experiment_id(uri, spec.experiment, str(root))
     folder = new_sweep_folder(root)
+    if held is not None:
+        held.enter_context(SweepLease(folder, "clgrid run"))
     sweep_id = folder.path.name
     note = (f"Sweep {sweep_id} of the pipeline spec `{spec.name}` (spec hash {spec.spec_hash}): {len(trials)} "
             f"trials, one child run each. Report: {reports_dir(root, spec.experiment) / 'report.html'} (written "
@@ -114,12 +119,12 @@ def run_names(trials: list[TrialSpec]) -> dict[str, str]:
     return names
 
 
-def prepare_and_connect(spec: PipelineSpec, address: str | None) -> Path:
+def prepare_and_connect(spec: PipelineSpec, address: str | None, held: contextlib.ExitStack | None = None) -> Path:
     """``prepare`` and ``connect`` at once: the driver sets up MLflow's store and runs while Ray's
     start-up mostly waits for its processes (seconds off every `clgrid run` on a small machine)."""
     check_storage(spec.storage.root)  # a storage root that can never work starts no Ray
     with ThreadPoolExecutor(1) as pool:
-        prepared = pool.submit(prepare, spec)
+        prepared = pool.submit(prepare, spec, held)
         connect(address)  # ray.init stays in the main thread; MLflow's client works from any
         return prepared.result()
 
@@ -195,7 +200,7 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
     res = PipelineSpec.model_validate(meta.spec).resources
     seconds = tracking.retry_seconds()
     configs = [TrialConfig(trial=t, sweep_dir=str(folder.path), tracking_uri=uri, retry_seconds=seconds).model_dump()
-               for t in meta.trials]
+               for t in longest_first(meta.trials)]
     connect(address)
     _credentials_stay_out_of_runtime_envs()
     _trainables_take_prestarted_workers()
@@ -213,9 +218,7 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
         ),
     )
     tracking.with_retries(lambda: tracking.client(uri).update_run(parent, "RUNNING"))  # a resumed sweep
-    ended = outbox.Outbox.open(folder, parent)
-    ended.status = None  # an earlier driver's end that the server missed: this driver will end the run
-    ended.save()
+    outbox.record_end(folder, parent, None)  # an earlier driver's end that the server missed: this driver ends the run
     # Ray Tune's default CSV, JSON and TensorBoard loggers write files nothing reads, and the last
     # prints a "To visualize your results with TensorBoard" hint; trials keep their own results.
     with liveness.Heartbeat(uri, parent), _environment({"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}):
@@ -231,6 +234,13 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
     return SweepOutcome(meta.sweep_id, folder.path, meta.experiment, uri, parent, outcomes, outbox.pending(folders))
 
 
+def longest_first(trials: list[SweepTrial]) -> list[SweepTrial]:
+    """The trials in the order Ray Tune starts them: the longest expected first (spec order among
+    equals), so that the sweep does not end with one long trial running alone on an idle machine."""
+    work = {t.trial_key: expected_work(t.trial_spec()) for t in trials}
+    return sorted(trials, key=lambda t: -work[t.trial_key])
+
+
 def _end_runs(uri: str, folder: SweepDir, parent: str, outcomes: list[TrialOutcome]) -> None:
     """Ends the runs of trials whose workers died past max_failures, then the sweep's run. With the
     tracking server away, these statuses wait in outboxes for `clgrid sync`."""
@@ -244,9 +254,7 @@ def _end_runs(uri: str, folder: SweepDir, parent: str, outcomes: list[TrialOutco
         tracking.end_run(uri, parent, ends[-1][2])
     except Exception as exc:
         for where, run_id, status in ends:
-            box = outbox.Outbox.open(where, run_id)
-            box.status, box.error = status, outbox.describe(exc)
-            box.save()
+            outbox.record_end(where, run_id, status, outbox.describe(exc))
 
 
 def _spec(trial: Any) -> TrialSpec:

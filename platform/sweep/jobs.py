@@ -9,9 +9,11 @@ never the source tree, whose ``platform/`` folder would shadow the stdlib module
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,9 +57,10 @@ def submit(address: str, spec_file: Path, spec: PipelineSpec, *, max_concurrent:
     """Submits ``clgrid run`` of the (already validated) spec; returns the job's submission id.
     The job gets the environment a local driver gives its trials (``driver.trial_env``)."""
     from clgrid.sweep.driver import trial_env
+    from clgrid.tracking.schema import PASSWORD_ENV, USERNAME_ENV, split_credentials
 
     check_storage(spec.storage.root)
-    root, uri = spec.storage.root, spec.tracking_uri
+    root, uri = spec.storage.root, split_credentials(spec.tracking_uri)  # the entrypoint is shown by the job API
     if not Path(root).is_absolute():
         raise UsageError(f"storage root {root}: expected an absolute path that every cluster node mounts "
                          f"(pass --storage /shared/path): a relative one would land in the job's temporary folder")
@@ -76,6 +79,10 @@ def submit(address: str, spec_file: Path, spec: PipelineSpec, *, max_concurrent:
             runtime_env={"working_dir": folder, "env_vars": {**trial_env(), "CLGRID_RAY_JOB": job_id}},
             metadata={"clgrid.pipeline": spec.name, "clgrid.spec_hash": spec.spec_hash},
         )
+    if PASSWORD_ENV in os.environ and uri.startswith(("http://", "https://")):
+        print(f"clgrid submit: MLflow credentials stay here (Ray shows a job's environment to anyone with its "
+              f"API): the cluster's nodes need {USERNAME_ENV} and {PASSWORD_ENV} in their own environment "
+              "(infra/README.md)", file=sys.stderr)
     return job_id
 
 

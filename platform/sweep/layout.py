@@ -7,7 +7,11 @@
         sweep.json                        the spec, the trials and their MLflow run ids (SweepMeta),
                                           written before any trial starts
         unsynced.json                     the sweep run's status while its tracking server lacks it
+        unsynced.lock                     the lock under which outboxes are merged (clgrid.sweep.outbox)
+        lease/NNNNNN.json                 who writes the sweep: one file per command (clgrid.sweep.lease)
         ray/                              Ray Tune's experiment state
+        tune.json                         with `tune:`: the tuning phase's points, their states, the
+                                          final trials once chosen (clgrid.sweep.tune_phase)
         <trial_key>/                      one trial (TrialDir)
             checkpoints/exp-NNN.pt        the trial's state after experience NNN (clgrid.train.checkpoint)
             replay/                       its replay store (Arrow shards)
@@ -16,6 +20,8 @@
             result.json                   final metrics, R and b, once finished
             attempts.log                  one line per trainer start
             unsynced.json                 what the tracking server lacks (clgrid.sweep.outbox)
+            unsynced.lock                 its lock
+            writer.json                   the running attempt: host, pid, renewal (clgrid.sweep.lease)
 
 Reading a sweep needs neither Ray nor torch: ``clgrid sync`` and ``resume`` find and read sweeps
 with this module alone; the trials' specs are validated only when asked for.
@@ -28,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, field_validator
 
 from clgrid import fsio, safepaths
 from clgrid.errors import UsageError
@@ -82,6 +88,14 @@ class SweepMeta(BaseModel):
     parent_run_id: str
     trials: list[SweepTrial]
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str) -> str:
+        """sweep.json never holds a password: a URI's ``user:password@`` moves to the environment."""
+        from clgrid.tracking.schema import split_credentials  # MLflow: only once a sweep is read or written
+
+        return split_credentials(uri)
+
 
 def _entry(name: str) -> property:
     """A file or folder of a sweep's folder: ``folder.<attribute>`` is ``folder.path / name``."""
@@ -92,6 +106,7 @@ def _entry(name: str) -> property:
 class _Folder:
     path: Path
     unsynced = _entry(UNSYNCED)
+    unsynced_lock = _entry("unsynced.lock")
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,7 @@ class TrialDir(_Folder):
     artifacts = _entry("artifacts")
     result = _entry("result.json")
     attempts = _entry("attempts.log")
+    writer = _entry("writer.json")
 
     def checkpoint(self, experience: int) -> Path:
         return self.checkpoints / f"exp-{experience:03d}.pt"
@@ -122,6 +138,8 @@ class SweepDir(_Folder):
 
     meta_file = _entry(SWEEP_JSON)
     ray = _entry("ray")
+    tune = _entry("tune.json")
+    lease = _entry("lease")
 
     @classmethod
     def at(cls, root: Path, sweep_id: str) -> SweepDir:

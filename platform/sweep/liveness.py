@@ -1,6 +1,9 @@
-"""Is a sweep's driver alive? Heartbeats on the sweep's MLflow parent run, and reaping dead sweeps.
+"""Is a sweep's driver alive? Its lease, else heartbeats on its MLflow parent run; and reaping dead sweeps.
 
-A driver (``sweep.run``) tags its parent run with who it is (``clgrid.driver``: host, boot id, pid,
+Where the sweep's folder is at hand, its lease decides (``clgrid.sweep.lease``): a sweep whose lease
+``reap`` can take has no live driver, and reap holds it while it marks the runs, so no driver starts
+meanwhile. A sweep whose folder is elsewhere (another storage root) is judged from MLflow alone. A
+driver (``sweep.run``) tags its parent run with who it is (``clgrid.driver``: host, boot id, pid,
 process start time, Ray job) and refreshes ``clgrid.heartbeat`` (unix seconds) every
 ``HEARTBEAT_SECONDS``. A sweep is **dead** when
 
@@ -11,14 +14,13 @@ process start time, Ray job) and refreshes ``clgrid.heartbeat`` (unix seconds) e
   ``older_than`` seconds: this covers drivers elsewhere (a Ray job on the head node, a laptop).
 
 Otherwise it is alive. ``reap`` marks the RUNNING runs (parent and children) of dead sweeps
-KILLED and leaves live sweeps alone; it needs nothing but the tracking server.
+KILLED and leaves live sweeps alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -29,31 +31,16 @@ from mlflow.tracking import MlflowClient
 
 from clgrid import tracking
 from clgrid.errors import UsageError
+from clgrid.sweep import lease
+from clgrid.sweep.layout import SweepDir
 from clgrid.tracking.schema import DRIVER, HEARTBEAT, ROLE, SWEEP, SWEEP_ID
 
 HEARTBEAT_SECONDS = 30.0
 DEFAULT_OLDER_THAN = 180.0  # six missed heartbeats
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:  # not Linux: only the heartbeat clock decides
-        return ""
-
-
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time (clock ticks after boot, /proc/PID/stat field 22); None if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # after "pid (comm)", field 3 is index 0
-
-
 def driver_identity() -> dict:
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(),
-            "start": _start_ticks(os.getpid()), "ray_job": os.environ.get("CLGRID_RAY_JOB")}
+    return {**lease.identity(), "ray_job": os.environ.get("CLGRID_RAY_JOB")}
 
 
 class Heartbeat:
@@ -96,11 +83,10 @@ def judge(parent: Run, older_than: float = DEFAULT_OLDER_THAN, now: float | None
         return Verdict(False, f"sweep run is {parent.info.status}")
     tags = parent.data.tags
     driver = json.loads(tags.get(DRIVER, "{}"))
-    if driver and driver.get("start") is not None and driver.get("boot"):
-        if (driver["host"], driver["boot"]) == (socket.gethostname(), _boot_id()):
-            if _start_ticks(driver["pid"]) != driver["start"]:
-                return Verdict(False, f"driver pid {driver['pid']} on this machine is gone")
-            return Verdict(True, f"driver pid {driver['pid']} on this machine is running")
+    if driver and driver.get("start") is not None and lease.on_this_machine(driver):
+        if lease.start_ticks(driver["pid"]) != driver["start"]:
+            return Verdict(False, f"driver pid {driver['pid']} on this machine is gone")
+        return Verdict(True, f"driver pid {driver['pid']} on this machine is running")
     last = float(tags.get(HEARTBEAT, parent.info.start_time / 1000))
     age = (now or time.time()) - last
     where = f" on {driver['host']}" if driver else ""
@@ -116,8 +102,10 @@ class Reaped:
     run_ids: list[str]
 
 
-def reap(uri: str, experiment: str, older_than: float = DEFAULT_OLDER_THAN) -> tuple[list[Reaped], list[str]]:
-    """Marks the RUNNING runs of dead sweeps KILLED. Returns (reaped sweeps, ids of live sweeps)."""
+def reap(uri: str, experiment: str, older_than: float = DEFAULT_OLDER_THAN,
+         root: Path | None = None) -> tuple[list[Reaped], list[str]]:
+    """Marks the RUNNING runs of dead sweeps KILLED. Returns (reaped sweeps, ids of live sweeps).
+    A sweep with a folder under storage root ``root`` is judged by its lease, others by MLflow."""
     exp = tracking.with_retries(lambda: tracking.client(uri).get_experiment_by_name(experiment))
     if exp is None:
         raise UsageError(f"no MLflow experiment '{experiment}' at {uri}")
@@ -127,26 +115,51 @@ def reap(uri: str, experiment: str, older_than: float = DEFAULT_OLDER_THAN) -> t
             running.setdefault(run.data.tags[SWEEP_ID], []).append(run)
     reaped, alive = [], []
     for sweep_id, runs in sorted(running.items()):
+        folder = SweepDir.at(root, sweep_id) if root is not None else None
+        if folder is not None and folder.path.is_dir():
+            try:
+                with lease.SweepLease(folder, "clgrid reap") as held:
+                    reaped.append(_kill(uri, sweep_id, runs, _reason(held)))
+            except UsageError:  # held by a live command
+                alive.append(sweep_id)
+            continue
         parent = (next((r for r in runs if r.data.tags.get(ROLE) == SWEEP), None)
                   or _parent(uri, exp.experiment_id, sweep_id))
         verdict = judge(parent, older_than) if parent else Verdict(False, "sweep run is missing")
         if verdict.alive:
             alive.append(sweep_id)
-            continue
-        for run in runs:
-            tracking.end_run(uri, run.info.run_id, "KILLED")
-        reaped.append(Reaped(sweep_id, verdict.reason, [r.info.run_id for r in runs]))
+        else:
+            reaped.append(_kill(uri, sweep_id, runs, verdict.reason))
     return reaped, alive
+
+
+def reap_sweep(folder: SweepDir) -> Reaped:
+    """Marks the RUNNING runs of the sweep in ``folder`` KILLED; UsageError (exit 2) while a
+    command holds its lease."""
+    with lease.SweepLease(folder, "clgrid reap") as held:
+        meta = folder.meta()
+        tracking.check_reachable(meta.tracking_uri)
+        exp = tracking.with_retries(lambda: tracking.client(meta.tracking_uri).get_experiment_by_name(meta.experiment))
+        runs = [] if exp is None else tracking.search(
+            meta.tracking_uri, exp.experiment_id,
+            f"attributes.status = 'RUNNING' and tags.`{SWEEP_ID}` = '{meta.sweep_id}'")
+        return _kill(meta.tracking_uri, meta.sweep_id, runs, _reason(held))
+
+
+def _reason(held: lease.SweepLease) -> str:
+    """Why the sweep whose lease was just taken has no live driver."""
+    if held.previous is None:
+        return "its folder has no lease: no driver took it"
+    holder, why = held.previous
+    return f"driver {why}" if holder["command"] in ("clgrid run", "clgrid resume") else f"`{holder['command']}` {why}"
+
+
+def _kill(uri: str, sweep_id: str, runs: list[Run], reason: str) -> Reaped:
+    for run in runs:
+        tracking.end_run(uri, run.info.run_id, "KILLED")
+    return Reaped(sweep_id, reason, [r.info.run_id for r in runs])
 
 
 def _parent(uri: str, exp_id: str, sweep_id: str) -> Run | None:
     found = tracking.search(uri, exp_id, f"tags.`{SWEEP_ID}` = '{sweep_id}' and tags.`{ROLE}` = '{SWEEP}'")
     return found[0] if found else None
-
-
-def ensure_not_running(uri: str, parent_run_id: str, sweep_id: str, older_than: float = DEFAULT_OLDER_THAN) -> None:
-    """Refuses to start a second driver on a sweep whose driver is alive (both would train its trials)."""
-    verdict = judge(tracking.with_retries(lambda: tracking.client(uri).get_run(parent_run_id)), older_than)
-    if verdict.alive:
-        raise UsageError(f"sweep {sweep_id} is still running ({verdict.reason}); stop its driver, or wait "
-                         f"{older_than / 60:.0f} min after it died")

@@ -12,7 +12,7 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import ray
 from pydantic import BaseModel
@@ -20,6 +20,7 @@ from ray import tune
 
 from clgrid import fsio, tracking
 from clgrid.sweep.layout import SweepDir, SweepTrial, TrialDir
+from clgrid.sweep.lease import TrialWriter
 from clgrid.sweep.trial_logger import TrialLogger
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class TrialConfig(BaseModel):
     sweep_dir: str
     tracking_uri: str
     retry_seconds: float  # the driver's setting, also on cluster nodes
+    extra_metrics: dict[str, float] = {}  # written into result.json beside the trainer's (a final trial's tuning cost)
 
     @property
     def folder(self) -> TrialDir:
@@ -44,22 +46,51 @@ class TrialConfig(BaseModel):
 
 
 def trainable(point: dict[str, Any]) -> None:
-    """The Ray Tune trainable: ``point["cfg"]`` is a TrialConfig."""
-    from clgrid.train import trainer
+    """The Ray Tune trainable: ``point["cfg"]`` is a TrialConfig. One attempt at a time writes a
+    trial's folder: an attempt Ray retries waits for the one before to stop (clgrid.sweep.lease)."""
+    attempt(TrialConfig.model_validate(point["cfg"]), tune.report)
 
-    config = TrialConfig.model_validate(point["cfg"])
+
+def attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], experiences: int | None = None) -> dict:
+    """One attempt at a trial: ``report`` gets what each experience measured (Ray Tune's report, or
+    the tuning phase's filter of it); ``experiences`` stops after that many (tuning on the first
+    experiences). Returns the trial's result.json."""
+    with TrialWriter(config.folder):
+        return _attempt(config, report, experiences)
+
+
+class _Enough(Exception):
+    """Raised after the last experience a trial trains (``experiences``): the trainer stops there."""
+
+    def __init__(self, report: Any):
+        self.report = report
+
+
+def _attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], experiences: int | None) -> dict:
+    from clgrid.train import checkpoint, trainer
+
     trial, folder = config.trial.trial_spec(), config.folder
     log = TrialLogger(config.tracking_uri, config.trial.run_id, folder, config.retry_seconds)
     if folder.result.exists():
         log.finished_earlier()
-        tune.report(fsio.read_json(folder.result)["metrics"])
-        return
+        result = fsio.read_json(folder.result)
+        report(result["metrics"])
+        return result
     log.start()
 
-    def on_experience(report: trainer.ExperienceReport) -> None:
-        log.experience(**vars(report))  # history.json, then MLflow (or the outbox)
-        tune.report({"experience": report.experience, **report.metrics, **report.costs})
-        _inject_fault(config.trial.trial_key, report.experience)
+    def on_experience(done: trainer.ExperienceReport) -> None:
+        log.experience(**vars(done))  # history.json, then MLflow (or the outbox)
+        report({"experience": done.experience, **done.metrics, **done.costs})
+        _inject_fault(config.trial.trial_key, done.experience)
+        if experiences is not None and done.experience + 1 >= experiences:
+            raise _Enough(done)
+
+    def run() -> trainer.TrialResult:
+        try:
+            return trainer.run_trial(trial, folder.path, on_experience=on_experience)
+        except _Enough as enough:  # the rows so far are in the checkpoint of its last experience
+            state = checkpoint.latest(folder.path)
+            return trainer.TrialResult(state["R"], state["b"], enough.report.metrics, enough.report.costs)
 
     _mark_attempt(folder)
     try:
@@ -69,14 +100,18 @@ def trainable(point: dict[str, Any]) -> None:
         if log.online:
             with contextlib.suppress(Exception):
                 tracking.log_dataset(config.tracking_uri, config.trial.run_id, dataset, config.retry_seconds)
-        result = trainer.run_trial(trial, folder.path, on_experience=on_experience)
+        result = run()
     except BaseException:
         log.end("FAILED")
         raise
     log.matrix(result.R, result.b)
     log.probes(result.probes)
-    fsio.write_json(folder.result, {"metrics": {**result.metrics, **result.costs}, "R": result.R, "b": result.b})
+    log.continual(result.continual)
+    written = {"metrics": {**result.metrics, **result.costs, **config.extra_metrics}, "R": result.R, "b": result.b} \
+        | ({"continual": result.continual} if result.continual else {})
+    fsio.write_json(folder.result, written)
     log.end("FINISHED")
+    return written
 
 
 def benchmark_dataset(trial: TrialSpec) -> Dataset:

@@ -9,7 +9,8 @@ would have uploaded is written to its outbox (``clgrid.sweep.outbox``) for ``clg
 budget out once per attempt is enough: a server away that long is not back at the next experience.
 
 A run is ended FINISHED only when nothing of the trial is missing from it; otherwise ``clgrid
-sync`` ends it once it has uploaded the rest.
+sync`` ends it once it has uploaded the rest. The logger changes its outbox item by item
+(``Outbox.update``), never writing back what it read, so a sync running beside it loses nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from clgrid.sweep.outbox import Outbox, describe
 class TrialLogger:
     def __init__(self, uri: str, run_id: str, folder: TrialDir, seconds: float):
         self.uri, self.run_id, self.folder, self.seconds = uri, run_id, folder, seconds
-        self.outbox = Outbox.open(folder, run_id)
+        self.outbox = Outbox.open(folder, run_id)  # as the file held it when last read or changed here
         self.online = True
+        self.error = ""  # why the logger went offline
         self.logged: set[int] = set()  # experiences the run already has
         # Kept from earlier attempts: an experience their outboxes list stays in the file.
         self.history = read_history(folder)
@@ -40,15 +42,32 @@ class TrialLogger:
             return True
         except Exception as exc:
             self.online = False
-            self.outbox.error = describe(exc)
+            self.error = describe(exc)
             return False
 
-    def _update(self, **fields: Any) -> None:
-        """Sets outbox fields; the file is rewritten only when they change (never while all goes well)."""
-        if any(getattr(self.outbox, k) != v for k, v in fields.items()):
-            for k, v in fields.items():
-                setattr(self.outbox, k, v)
-            self.outbox.save()
+    def _change(self, change: Callable[[Outbox], None]) -> None:
+        def recorded(box: Outbox) -> None:
+            change(box)
+            box.error = self.error or box.error
+
+        self.outbox = Outbox.update(self.folder, self.run_id, recorded)
+
+    def _step(self, experience: int, missing: bool) -> None:
+        """Lists or unlists an experience's metrics; the file is touched only when that changes
+        (never while all goes well): only this logger lists steps, so its view holds them all."""
+        if missing != (experience in self.outbox.steps):
+            self._change(lambda box: box.steps.add(experience) if missing else box.steps.discard(experience))
+
+    def _update(self, *, matrix: bool) -> None:
+        """``matrix=True``: artifact files were written and not uploaded (counted: a sync that
+        uploaded older ones keeps them listed); ``False``: this logger uploaded the newest."""
+        if matrix or self.outbox.matrix:
+            self._change(lambda box: setattr(box, "matrix", box.matrix + 1 if matrix else 0))
+
+    def _status(self, status: str | None) -> None:
+        """The status the run should end with once the rest is uploaded; None: nothing to end."""
+        if status != self.outbox.status:
+            self._change(lambda box: setattr(box, "status", status))
 
     def start(self) -> None:
         """Marks the run RUNNING and learns which experiences it has (a resumed trial re-reports them)."""
@@ -63,7 +82,7 @@ class TrialLogger:
             fsio.write_json(self.folder.history, [self.history[k] for k in sorted(self.history)])
         uploaded = experience in self.logged or self._upload(lambda: tracking.log_experience(
             self.uri, self.run_id, experience, row, metrics, costs, self.seconds))
-        self._update(steps=self.outbox.steps - {experience} if uploaded else self.outbox.steps | {experience})
+        self._step(experience, missing=not uploaded)
 
     def matrix(self, R: list[list[float]], b: list[float]) -> None:
         folder = self.folder.artifacts
@@ -82,19 +101,30 @@ class TrialLogger:
         if not uploaded:
             self._update(matrix=True)
 
+    def continual(self, trace: dict[str, Any] | None) -> None:
+        """The continual-evaluation trace: ``continual.json`` on disk first, then its metrics and the
+        file. A failed upload holds the run open like the matrix's does (sync uploads the file)."""
+        if trace is None:
+            return
+        folder = self.folder.artifacts
+        fsio.write_json(folder / tracking.schema.CONTINUAL_JSON, trace)
+        if not self._upload(lambda: runs.log_continual(self.uri, self.run_id, folder, trace, self.seconds)):
+            self._update(matrix=True)
+
     def end(self, status: str) -> None:
         """Ends the run; FINISHED waits in the outbox while anything else does."""
+        self.outbox = Outbox.open(self.folder, self.run_id)  # a sync may have uploaded some since
         if status == "FINISHED" and (self.outbox.steps or self.outbox.matrix):
-            self._update(status=status)
+            self._status(status)
         else:
-            self._update(status=None if self._upload(
+            self._status(None if self._upload(
                 lambda: tracking.end_run(self.uri, self.run_id, status, self.seconds)) else status)
 
     def finished_earlier(self) -> None:
         """A trial whose result.json exists: its run is FINISHED, unless it was killed between
         result.json and end_run, or its outbox still holds something (then sync ends it)."""
         status: list[str] = []
-        if self.outbox.empty and self._upload(lambda: status.append(
+        if Outbox.open(self.folder, self.run_id).empty and self._upload(lambda: status.append(
                 tracking.run_status(self.uri, self.run_id, self.seconds))) and status == ["FINISHED"]:
             return
         self.end("FINISHED")

@@ -22,9 +22,10 @@ from mlflow.exceptions import MlflowException
 
 from clgrid import fsio
 from clgrid.tracking import matrix_png
+from clgrid.train.metrics import VAL_PREFIX
 from clgrid.tracking.schema import (
-    BENCHMARK, CONFIG_KEY, DATASET_CONTEXT, EXPERIMENT_KIND, MATRIX_FILES, MATRIX_JSON, MATRIX_PNG, NOTE, PARENT,
-    PROBE_FILES, ROLE, RUN_NAME, SCENARIO, SEED, SPEC_HASH, STRATEGY, SWEEP, SWEEP_ID, TRAIN_CONTEXT, TRAINING, TRIAL, TRIAL_KEY,
+    BENCHMARK, CONFIG_KEY, FINAL, PHASE, CONT_ACC, CONT_ACC_EXP, CONT_BOUNDARY, CONTINUAL_JSON, DATASET_CONTEXT, EXPERIMENT_KIND, MATRIX_FILES, MATRIX_JSON, MATRIX_PNG, NOTE, PARENT,
+    CLASS_ORDER, PROBE_FILES, ROLE, VAL_MATRIX_FILES, VAL_MATRIX_JSON, VAL_MATRIX_PNG, RUN_NAME, SCENARIO, SEED, SPEC_HASH, STRATEGY, SWEEP, SWEEP_ID, TRAIN_CONTEXT, TRAINING, TRIAL, TRIAL_KEY,
     client, local_artifact_root, with_retries,
 )
 
@@ -77,8 +78,13 @@ def flat_params(trial: TrialSpec) -> dict[str, str]:
     return out
 
 
-def trial_tags(trial: TrialSpec, sweep_id: str, parent_run_id: str, run_name: str | None = None) -> dict[str, str]:
-    return {
+def trial_tags(trial: TrialSpec, sweep_id: str, parent_run_id: str, run_name: str | None = None,
+               phase: str = FINAL) -> dict[str, str]:
+    from clgrid.benchmarks.scenarios import class_order  # loaded with the trial's BenchmarkSpec: no cost
+
+    order = class_order(trial.benchmark, trial.seed)
+    return ({CLASS_ORDER: json.dumps(order)} if order is not None else {}) | {
+        PHASE: phase,
         PARENT: parent_run_id,
         RUN_NAME: run_name or trial.label,
         ROLE: TRIAL,
@@ -100,14 +106,21 @@ def start_sweep(uri: str, exp_id: str, sweep_id: str, spec_hash: str, trials: li
     c = client(uri)
     parent = with_retries(lambda: c.create_run(exp_id, run_name=f"sweep-{sweep_id}", tags={
         ROLE: SWEEP, SWEEP_ID: sweep_id, SPEC_HASH: spec_hash, **({NOTE: note} if note else {})}))
-    run_ids = {}
-    for trial in trials:
-        name = (names or {}).get(trial.trial_key)
-        run = with_retries(lambda: c.create_run(exp_id, tags=trial_tags(trial, sweep_id, parent.info.run_id, name)))
-        params = [Param(k, v) for k, v in flat_params(trial).items()]
-        with_retries(lambda: c.log_batch(run.info.run_id, params=params))
-        run_ids[trial.trial_key] = run.info.run_id
+    run_ids = {trial.trial_key: create_trial_run(uri, exp_id, trial, trial_tags(
+        trial, sweep_id, parent.info.run_id, (names or {}).get(trial.trial_key))) for trial in trials}
     return parent.info.run_id, run_ids
+
+
+def create_trial_run(uri: str, exp_id: str, trial: TrialSpec, tags: dict[str, str],
+                     metrics: Mapping[str, float] | None = None) -> str:
+    """A trial's child run with ``tags`` (trial_tags and more), its params and ``metrics``; its id."""
+    c = client(uri)
+    run = with_retries(lambda: c.create_run(exp_id, tags=tags))
+    params = [Param(k, v) for k, v in flat_params(trial).items()]
+    now = int(time.time() * 1000)
+    logged = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+    with_retries(lambda: c.log_batch(run.info.run_id, params=params, metrics=logged))
+    return run.info.run_id
 
 
 def benchmark_dataset(name: str, digest: str, source: dict[str, str], schema: str,
@@ -143,15 +156,17 @@ def metric_steps(uri: str, run_id: str, keys: Iterable[str], seconds: float | No
 
 
 def experience_metrics(experience: int, row: list[float], metrics: dict[str, float],
-                       costs: dict[str, float]) -> dict[str, float]:
-    """What one experience logs (step = ``experience``): the summary so far, the costs, and
-    ``acc_on_exp_j`` for the experiences seen. Takes an ExperienceReport's fields."""
-    return {**metrics, **costs, **{f"acc_on_exp_{j}": a for j, a in enumerate(row[: experience + 1])}}
+                       costs: dict[str, float], val_row: list[float] = ()) -> dict[str, float]:
+    """What one experience logs (step = ``experience``): the summary so far (with its ``val_``
+    twins), the costs, and ``acc_on_exp_j`` (and ``val_acc_on_exp_j``) for the experiences seen.
+    Takes an ExperienceReport's fields."""
+    return {**metrics, **costs, **{f"{prefix}acc_on_exp_{j}": a for prefix, accs in (("", row), (VAL_PREFIX, val_row))
+                                   for j, a in enumerate(accs[: experience + 1])}}
 
 
 def log_experience(uri: str, run_id: str, step: int, row: list[float], summary: dict[str, float],
-                   costs: dict[str, float], seconds: float | None = None) -> None:
-    log_metrics(uri, run_id, step, experience_metrics(step, row, summary, costs), seconds)
+                   costs: dict[str, float], seconds: float | None = None, val_row: list[float] = ()) -> None:
+    log_metrics(uri, run_id, step, experience_metrics(step, row, summary, costs, val_row), seconds)
 
 
 def log_metrics(uri: str, run_id: str, step: int, values: dict[str, float], seconds: float | None = None) -> None:
@@ -161,20 +176,30 @@ def log_metrics(uri: str, run_id: str, step: int, values: dict[str, float], seco
         with_retries(lambda: client(uri).log_batch(run_id, metrics=metrics[i:i + MAX_BATCH]), seconds)
 
 
-def write_matrix(folder: Path, R: list[list[float]], b: list[float]) -> None:
-    """``accuracy_matrix.json`` and ``accuracy_matrix.png`` in ``folder``, each written atomically."""
-    fsio.write_json(folder / MATRIX_JSON, {"R": R, "b": b, "experiences": list(range(len(R)))})
-    fsio.atomic_write(folder / MATRIX_PNG, matrix_png.render(R))
+def write_matrix(folder: Path, R: list[list[float]], b: list[float], R_val: list[list[float]] = (),
+                 b_val: list[float] = ()) -> None:
+    """``accuracy_matrix.json`` and ``accuracy_matrix.png`` in ``folder``, each written atomically;
+    with a validation matrix ``R_val``, ``val_accuracy_matrix.json`` and ``.png`` too."""
+    matrices = [(MATRIX_JSON, MATRIX_PNG, R, b)] + ([(VAL_MATRIX_JSON, VAL_MATRIX_PNG, R_val, b_val)] if R_val else [])
+    for json_name, png_name, matrix, fresh in matrices:
+        fsio.write_json(folder / json_name, {"R": matrix, "b": fresh, "experiences": list(range(len(matrix)))})
+        fsio.atomic_write(folder / png_name, matrix_png.render(matrix))
+
+
+def matrix_files(folder: Path) -> list[str]:
+    """The files write_matrix wrote in ``folder``."""
+    return [*MATRIX_FILES, *(name for name in VAL_MATRIX_FILES if (folder / name).exists())]
 
 
 def upload_matrix(uri: str, run_id: str, folder: Path, seconds: float | None = None) -> None:
     """The files of write_matrix as artifacts of the run (an upload again overwrites: no duplicates)."""
-    upload_files(uri, run_id, folder, MATRIX_FILES, seconds)
+    upload_files(uri, run_id, folder, matrix_files(folder), seconds)
 
 
 def artifact_files(folder: Path) -> list[str]:
-    """The artifacts a trial's folder holds for its run: the matrix files and any probe files."""
-    return [*MATRIX_FILES, *(name for name in PROBE_FILES if (folder / name).exists())]
+    """The artifacts a trial's folder holds for its run: the matrix files and any probe and
+    continual-evaluation files."""
+    return [*matrix_files(folder), *(name for name in (*PROBE_FILES, CONTINUAL_JSON) if (folder / name).exists())]
 
 
 def log_matrix(uri: str, run_id: str, R: list[list[float]], b: list[float], folder: Path) -> None:
@@ -205,3 +230,21 @@ def upload_files(uri: str, run_id: str, folder: Path, names: Iterable[str], seco
     """Files of ``folder`` as artifacts of the run (an upload again overwrites: no duplicates)."""
     for name in names:
         with_retries(lambda: client(uri).log_artifact(run_id, str(folder / name)), seconds)
+
+
+def continual_metrics(trace: Mapping[str, Any]) -> list[Metric]:
+    """A continual-evaluation trace (clgrid.train.continual) as metrics with step = the stream step."""
+    now = int(time.time() * 1000)
+    metrics = []
+    for step, row in zip(trace["steps"], trace["acc"]):
+        metrics.append(Metric(CONT_ACC, sum(row) / len(row), now, step))
+        metrics += [Metric(CONT_ACC_EXP.format(j), float(a), now, step) for j, a in enumerate(row)]
+    return metrics + [Metric(CONT_BOUNDARY, float(i), now, step) for i, step in enumerate(trace["boundaries"])]
+
+
+def log_continual(uri: str, run_id: str, folder: Path, trace: Mapping[str, Any], seconds: float | None = None) -> None:
+    """The trace's metrics, and ``continual.json`` (written by the caller in ``folder``) as an artifact."""
+    metrics = continual_metrics(trace)
+    for i in range(0, len(metrics), MAX_BATCH):
+        with_retries(lambda: client(uri).log_batch(run_id, metrics=metrics[i:i + MAX_BATCH]), seconds)
+    upload_files(uri, run_id, folder, [CONTINUAL_JSON], seconds)

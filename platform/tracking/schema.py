@@ -13,6 +13,7 @@ import os
 import random
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -42,10 +43,23 @@ CONFIG_KEY = "clgrid.config_key"
 SPEC_HASH = "clgrid.spec_hash"
 DRIVER = "clgrid.driver"  # on the parent: who drives the sweep (clgrid.sweep.liveness)
 HEARTBEAT = "clgrid.heartbeat"  # on the parent: unix seconds of the driver's last sign of life
+# Tune-then-test (clgrid.sweep.tune_phase): every child run's phase; a final run names the tuning
+# runs behind its configuration and carries the tuning cost of its strategy on its benchmark.
+PHASE, TUNE, FINAL = "clgrid.phase", "tune", "final"
+SELECTED_FROM = "clgrid.selected_from"  # comma-separated run ids
+TUNING_TRAIN_FLOPS, TUNING_DEVICE_SECONDS = "tuning_train_flops", "tuning_device_seconds"
+# Tune-then-test sweeps (issue 14): each child run's phase; a final run names the tuning runs behind it.
+PHASE, TUNE, FINAL = "clgrid.phase", "tune", "final"
+SELECTED_FROM = "clgrid.selected_from"  # comma-separated tuning run ids
+CLASS_ORDER = "clgrid.class_order"  # the classes in the order the stream presented them
 
 # Artifacts of a trial run, and the folder of the report's files on the parent run.
 MATRIX_JSON, MATRIX_PNG = "accuracy_matrix.json", "accuracy_matrix.png"
 MATRIX_FILES = (MATRIX_JSON, MATRIX_PNG)
+# The validation split's accuracy matrix (issue 14), beside the test one when the benchmark has a split.
+VAL_MATRIX_JSON, VAL_MATRIX_PNG = "val_accuracy_matrix.json", "val_accuracy_matrix.png"
+VAL_MATRIX_FILES = (VAL_MATRIX_JSON, VAL_MATRIX_PNG)
+CONTINUAL_JSON = "continual.json"  # continual evaluation (issue 15): {"steps", "acc", "boundaries"}
 REPORT_DIR = "report"
 
 T = TypeVar("T")
@@ -98,6 +112,37 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+# Where MLflow's HTTP client reads basic-auth credentials (and where trials find them).
+USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
+
+
+def split_credentials(uri: str) -> str:
+    """``uri`` without its ``user:password@``, which moves to MLFLOW_TRACKING_USERNAME / _PASSWORD in
+    this process's environment (MLflow reads them there; local trials inherit them; cluster nodes
+    have their own). A tracking URI is printed, stored in sweep.json and sent as a Ray job's
+    entrypoint: credentials inside it would land in all of these.
+
+    A database URI (postgresql://user:pass@db) cannot take its password from those variables: it
+    is refused, redacted, and the driver's own mechanism named instead."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:
+        return uri  # not a URL: MLflow will say what it expected
+    http = parts.scheme in ("http", "https")
+    if parts.password is None and (parts.username is None or not http):
+        return uri  # a database user name alone is no secret (postgresql://mlflow@db/mlflow)
+    host = parts.netloc.rpartition("@")[2]
+    if not http:
+        shown = urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+        raise UsageError(f"tracking URI {shown}: a password in a database URI would be printed and stored in "
+                         f"sweep.json; expected it from the database driver's environment (PostgreSQL: PGPASSWORD, "
+                         f"MySQL: an option file) or an MLflow server (infra/mlflow)")
+    os.environ[USERNAME_ENV] = urllib.parse.unquote(parts.username or "")
+    if parts.password is not None:
+        os.environ[PASSWORD_ENV] = urllib.parse.unquote(parts.password)
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+
+
 def check_reachable(uri: str, timeout: float = 3.0) -> None:
     """Raises UsageError (one line) when an HTTP tracking server does not answer within ``timeout``.
 
@@ -140,3 +185,8 @@ def search(uri: str, exp_id: str, filter_string: str = "", order_by: list[str] |
 # The representation probes' artifacts of a trial run (issue 16; clgrid.train.probes.Probes.artifacts).
 PROBE_MATRIX_JSON, CKA_JSON, WEIGHT_DRIFT_JSON = "probe_matrix.json", "cka.json", "weight_drift.json"
 PROBE_FILES = (PROBE_MATRIX_JSON, CKA_JSON, WEIGHT_DRIFT_JSON)
+
+# Continual evaluation's metrics of a trial run (issue 15), logged with step = the stream step:
+# the mean over the seen experiences, each one's accuracy, and the step at which experience i starts
+# (value i); the trace itself is CONTINUAL_JSON.
+CONT_ACC, CONT_ACC_EXP, CONT_BOUNDARY = "cont_acc", "cont_acc_exp_{}", "cont_boundary"

@@ -205,6 +205,17 @@ class Stopwatch:
                 torch.cuda.synchronize(self.device)
             self.seconds += time.perf_counter() - start
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside a timed block: the time spent here is not counted (continual evaluation)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds -= time.perf_counter() - start
+
 
 def reset_peak_memory(device: torch.device) -> None:
     """Starts a new peak for ``peak_memory_bytes``: Ray reuses a worker process for several trials,

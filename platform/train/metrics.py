@@ -7,7 +7,7 @@ Metrics that need an earlier experience (BWT, FWT, forgetting) are 0.0 for a one
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -72,3 +72,51 @@ def partial_summary(rows: Matrix, b: Sequence[float]) -> dict[str, float]:
     """Metrics after experience k (rows = R[0..k]), over the experiences seen so far."""
     k = len(rows)
     return summary([list(r[:k]) for r in rows], list(b[:k]))
+
+
+VAL_PREFIX = "val_"  # the validation split's metrics: the test metrics' names with this prefix
+
+
+def validation(summarize: Callable[[Matrix, Sequence[float]], dict[str, float]], R_val: Matrix,
+               b_val: Sequence[float]) -> dict[str, float]:
+    """``summarize`` (summary or partial_summary) of the validation matrix, names prefixed ``val_``:
+    what tuning may read. Empty without a validation split."""
+    return {f"{VAL_PREFIX}{k}": v for k, v in summarize(R_val, b_val).items()} if len(R_val) else {}
+
+
+def continual_summary(trace: dict) -> dict[str, float]:
+    """The metrics of a continual-evaluation trace (clgrid.train.continual): ``steps[p]`` the stream
+    step of point p, ``acc[p][j]`` the accuracy on seen experience j there, ``boundaries[i]`` the
+    step at which experience i starts. A point at every experience's end is assumed (the trainer
+    records one). With k experiences:
+
+    min_acc:       mean over j < k-1 of the lowest accuracy on j at the points from j's end on
+                   (De Lange et al. 2023); 0.0 for k = 1
+    wc_acc:        (1/k) * the last point's accuracy on experience k-1 + (1 - 1/k) * min_acc
+    a_auc:         mean over points of the mean accuracy over the seen experiences (Koh et al. 2022)
+    stability_gap: mean over boundaries i >= 1 of the largest drop, below its value at the boundary,
+                   of the mean accuracy on experiences < i at the points within experience i
+                   (after the boundary, up to its end); in accuracy units; 0.0 for k = 1
+    """
+    steps = np.asarray(trace["steps"], dtype=float)
+    acc, starts = trace["acc"], list(trace["boundaries"])
+    k = len(starts)
+    if not len(steps) or k == 0:
+        raise ValueError("a continual trace needs at least one point and one boundary")
+    ends = starts[1:] + [steps[-1]]
+    min_acc = float(np.mean([min(acc[p][j] for p in np.flatnonzero(steps >= ends[j])) for j in range(k - 1)])) \
+        if k > 1 else 0.0
+    gaps = []
+    for i in range(1, k):
+        at = np.flatnonzero(steps == starts[i])
+        if not len(at):
+            raise ValueError(f"the trace has no point at the start of experience {i} (step {starts[i]})")
+        before = float(np.mean(acc[at[-1]][:i]))
+        within = [float(np.mean(acc[p][:i])) for p in np.flatnonzero((steps > starts[i]) & (steps <= ends[i]))]
+        gaps.append(max(0.0, before - min(within, default=before)))
+    return {
+        "min_acc": min_acc,
+        "wc_acc": acc[-1][k - 1] / k + (1 - 1 / k) * min_acc,
+        "a_auc": float(np.mean([np.mean(row) for row in acc])),
+        "stability_gap": float(np.mean(gaps)) if gaps else 0.0,
+    }
