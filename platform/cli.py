@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
                 ("target", f"a sweep folder (with sweep.json), or {EXPERIMENT_OR_SPEC}: each of its sweeps"))
     where(p)
     p.add_argument("--older-than", type=float, default=3.0, metavar="MINUTES",
-                   help="a driver elsewhere is dead after this long without a heartbeat (default 3)")
+                   help="a sweep whose folder is not under the storage root (judged by MLflow, not its lease): "
+                        "its driver elsewhere is dead after this long without a heartbeat (default 3)")
 
     command("list", cmd_list, "benchmarks, scenarios, strategies and models with their parameters")
 
@@ -177,9 +178,13 @@ def _experiment(target: str, *, storage: str | None, tracking_uri: str | None) -
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from clgrid.spec import expand, grid_size
+    from clgrid.spec import expand, grid_size, trial_count
 
     spec = _load_spec(args.spec)
+    if spec.tune is not None:
+        print(f"{args.spec}: valid. tune-then-test: {trial_count(spec)} trials at most ({spec.tune.search} search on "
+              f"{len(spec.tune.seeds)} tuning seed(s), then each strategy's best configuration on {len(spec.seeds)} seeds)")
+        return 0
     trials = expand(spec)
     configs = {t.config_key for t in trials}
     print(f"{args.spec}: valid. {len(trials)} trials = {len(configs)} configurations x {len(spec.seeds)} seeds")
@@ -192,14 +197,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = _load_spec(args.spec, storage=args.storage, tracking_uri=args.tracking_uri,
                       max_concurrent=args.max_concurrent)
     from clgrid import tracking
-    from clgrid.spec import expand
+    from clgrid.spec import trial_count
     from clgrid.sweep import driver, jobs
 
     if args.address:
         jobs.check_cluster_tracking(spec.tracking_uri, args.sqlite_on_local_disk)
     tracking.check_reachable(spec.tracking_uri)  # before Ray starts: MLflow itself retries for minutes
     safepaths.check_writable(spec.storage.root)  # creates the root: after the check above, which creates nothing
-    print(f"clgrid: {spec.name}: {len(expand(spec))} trials; storage {Path(spec.storage.root).resolve()}; "
+    print(f"clgrid: {spec.name}: {trial_count(spec)} trials; storage {Path(spec.storage.root).resolve()}; "
           f"tracking {spec.tracking_uri}", flush=True)
     from clgrid.report.console import print_summary
 
@@ -383,7 +388,7 @@ def cmd_replay_inspect(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from clgrid.benchmarks import BenchmarkSpec
-    from clgrid.spec.schema import TrainSpec
+    from clgrid.spec.schema import ResourcesSpec, TrainSpec
     from clgrid.strategies import REGISTRY
     from clgrid.train.continual import EvaluateSpec
     from clgrid.train.models import ModelSpec
@@ -395,6 +400,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     _print_fields(ModelSpec)
     print("train fields:")
     _print_fields(TrainSpec)
+    print("resources fields:")
+    _print_fields(ResourcesSpec)
     print("probes fields (all off by default; docs/drift.md):")
     _print_fields(ProbesSpec)
     print("evaluate fields (continual evaluation, off unless the spec has `evaluate:`; docs/online.md):")

@@ -142,7 +142,7 @@ class Strategy:
     Config: ClassVar[type[StrategyConfig]]
     scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
     needs_hidden_layers: ClassVar[str] = ""
-    needs_boundaries: ClassVar[str] = "acts at experience boundaries (its before_experience/after_experience hooks)"
+    needs_boundaries: ClassVar[str] = "learns at them (its before_experience/after_experience hooks)"
 
     def __init__(self, config: StrategyConfig):
         self.config = config

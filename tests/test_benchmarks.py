@@ -58,10 +58,11 @@ def test_split_streams_hold_two_digits_each_with_global_labels(scenario):
     s = stream(source="mnist5k", scenario=scenario)
     expected = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
     assert (s.name, s.scenario, s.input_shape, s.num_classes) == ("split-mnist5k", scenario, (1, 28, 28), 10)
-    assert s.task_classes == expected and [e.classes for e in s.test] == expected
-    for train, test, classes in zip(s.train, s.test, expected):
-        assert set(train.y.tolist()) == set(test.y.tolist()) == set(classes)
-        assert len(train.y) == 800 and len(test.y) == 200
+    assert s.task_classes == expected and [e.classes for e in s.test] == [e.classes for e in s.val] == expected
+    for train, val, test, classes in zip(s.train, s.val, s.test, expected):
+        assert set(train.y.tolist()) == set(val.y.tolist()) == set(test.y.tolist()) == set(classes)
+        # the default validation split: 10% of each class's 400 training samples
+        assert (len(train.y), len(val.y), len(test.y)) == (720, 80, 200)
 
 
 def test_class_order_and_shuffle():
@@ -73,7 +74,7 @@ def test_class_order_and_shuffle():
 
 
 def test_domain_split_maps_labels_to_position_in_group():
-    s = stream(source="digits", scenario="domain-il", domain="split")
+    s = stream(source="digits", scenario="domain-il", domain="split", validation=0)
     assert s.name == "split-digits" and s.num_classes == 2
     assert all(e.classes == (0, 1) and set(e.y.tolist()) == {0, 1} for e in s.train + s.test)
     _, train_y, _, _ = load_source("digits", "unused", False)
@@ -81,7 +82,7 @@ def test_domain_split_maps_labels_to_position_in_group():
 
 
 def test_permuted_keeps_labels_and_moves_pixels():
-    s = stream(source="mnist5k", scenario="domain-il", domain="permuted", experiences=3)
+    s = stream(source="mnist5k", scenario="domain-il", domain="permuted", experiences=3, validation=0)
     _, train_y, _, _ = load_source("mnist5k", "unused", False)
     assert s.name == "permuted-mnist5k" and s.num_classes == 10
     for e in s.train:
@@ -93,14 +94,14 @@ def test_permuted_keeps_labels_and_moves_pixels():
 
 
 def test_permutation_seed_overrides_trial_seed():
-    fields = dict(source="digits", scenario="domain-il", domain="permuted", experiences=2)
+    fields = dict(source="digits", scenario="domain-il", domain="permuted", experiences=2, validation=0)
     a, b = stream(1, permutation_seed=7, **fields), stream(2, permutation_seed=7, **fields)
     assert torch.equal(a.train[1].x, b.train[1].x)
     assert not torch.equal(stream(1, **fields).train[1].x, stream(2, **fields).train[1].x)
 
 
 def test_permutation_is_shared_by_train_and_test():
-    s = stream(source="digits", scenario="domain-il", domain="permuted", experiences=2)
+    s = stream(source="digits", scenario="domain-il", domain="permuted", experiences=2, validation=0)
     train_x, _, test_x, _ = load_source("digits", "unused", False)
     train_in, train_out = train_x.flatten(1), s.train[1].x.flatten(1)
     test_in, test_out = test_x.flatten(1), s.test[1].x.flatten(1)
@@ -113,7 +114,7 @@ def test_permutation_is_shared_by_train_and_test():
 
 
 def test_rotated_starts_unrotated_and_ends_at_max_rotation():
-    s = stream(source="mnist5k", scenario="domain-il", domain="rotated", experiences=3, max_rotation=90)
+    s = stream(source="mnist5k", scenario="domain-il", domain="rotated", experiences=3, max_rotation=90, validation=0)
     train_x, train_y, _, _ = load_source("mnist5k", "unused", False)
     assert s.name == "rotated-mnist5k" and s.num_classes == 10
     assert all(torch.equal(e.y, train_y) for e in s.train)
@@ -136,7 +137,8 @@ def test_rotated_starts_unrotated_and_ends_at_max_rotation():
 def test_same_spec_and_seed_give_identical_tensors(fields):
     a, b = stream(3, source="digits", **fields), stream(3, source="digits", **fields)
     assert a.task_classes == b.task_classes
-    for ea, eb in zip(a.train + a.test, b.train + b.test):
+    assert len(a.val) == len(a.train)
+    for ea, eb in zip(a.train + a.test + a.val, b.train + b.test + b.val):
         assert torch.equal(ea.x, eb.x) and torch.equal(ea.y, eb.y)
         assert ea.x.is_contiguous() and ea.x.dtype == torch.float32
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,10 @@ SPEC = tiny_spec([{"name": "naive"}, {"name": "replay", "buffer_size": 50}], see
                  resources={"cpus_per_trial": 1, "max_failures": 2})
 
 
-def _trial_keys() -> list[str]:
+def _trial_keys(spec: dict = SPEC) -> list[str]:
     from clgrid.spec import PipelineSpec, expand
 
-    return [t.trial_key for t in expand(PipelineSpec.model_validate(SPEC))]
+    return [t.trial_key for t in expand(PipelineSpec.model_validate(spec))]
 
 
 def _write_spec(path: Path) -> Path:
@@ -157,6 +158,7 @@ class Cluster:
     dashboard: str  # the job API, for `clgrid submit`
     mlflow: str
     env: dict[str, str]  # what every clgrid command against this cluster needs (the token)
+    worker: subprocess.Popen | None = None  # the second node's `ray start --block` (its session: the whole node)
 
     def clgrid(self, *args: str, **env: str) -> subprocess.CompletedProcess:
         return run_clgrid(*args, cwd=self.root, env={**self.env, **env})
@@ -222,8 +224,9 @@ def cluster():
         wait_for(lambda: answers(f"{c.dashboard}/api/version"), "the head's dashboard", timeout=300, logs=logs)
         # Its own --temp-dir: on one machine the nodes would otherwise share runtime_resources/ and
         # one node re-extracting the job's working_dir would pull the driver's cwd from under it.
-        procs.append(c.popen([ray, "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
-                              "--num-cpus=1", f"--temp-dir={root / 'worker'}", "--disable-usage-stats", *ports()], logs[1]))
+        c.worker = c.popen([ray, "start", "--block", f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1",
+                            "--num-cpus=1", f"--temp-dir={root / 'worker'}", "--disable-usage-stats", *ports()], logs[1])
+        procs.append(c.worker)
         wait_for(lambda: _alive_nodes(c.dashboard, token) == 2, "two alive Ray nodes", timeout=300, logs=logs)
         wait_for(lambda: answers(f"{c.mlflow}/health"), "the MLflow server", timeout=300, logs=logs)
         yield c
@@ -345,7 +348,7 @@ def test_killed_driver_then_reap_and_resume(cluster, reference, capsys):
         k: "FINISHED" if k in finished else "KILLED" for k in keys}
     assert runs["sweep"][0].info.status == "KILLED"
 
-    resume = cluster.clgrid("resume", str(sweep_dir), "--address", cluster.gcs)
+    resume = cluster.clgrid("resume", str(sweep_dir), "--address", cluster.gcs, "--sqlite-on-local-disk")
     assert resume.returncode == 0, resume.stdout[-3000:] + resume.stderr[-3000:]
     assert f"{len(finished)}/4 trials finished" in resume.stdout
     after = {k: len(_attempts(sweep_dir, k)) for k in keys}
@@ -369,3 +372,153 @@ def _wait_gone(pid: int, timeout: float = 60) -> bool:
     while time.time() < deadline and running():
         time.sleep(0.5)
     return running()
+
+
+# ---- authentication: Ray's token, on a local instance and on the test cluster -------------------
+
+# Ray's own GCS client, asked once: `ray.init` retries a refused connection for ~20 s before raising.
+GCS_PROBE = """
+import sys
+from ray._raylet import GcsClient
+try:
+    print(len(GcsClient(address=sys.argv[1]).get_all_node_info(timeout=10)), "nodes")
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def _without_ray_auth(home: Path, **auth: str) -> dict[str, str]:
+    """This environment without Ray's auth settings, HOME=``home`` (its ~/.ray/auth_token), plus ``auth``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_") and k != "RAY_ADDRESS"}
+    return {**env, "HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0", **auth}
+
+
+def _gcs_probe(address: str, home: Path, **auth: str) -> str:
+    """What a client with only ``auth`` (RAY_AUTH_*) and ``home`` gets from the GCS: "N nodes" or the error."""
+    done = subprocess.run([sys.executable, "-c", GCS_PROBE, address], cwd=home, env=_without_ray_auth(home, **auth),
+                          capture_output=True, text=True, timeout=120)
+    return done.stdout.strip()
+
+
+def _http_status(url: str, token: str | None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+WRONG_TOKEN = "0" * 32
+
+# clgrid's way of starting Ray on one machine (driver.connect without an address), in a process that
+# prints the GCS address and keeps the instance until its stdin closes.
+LOCAL_DRIVER = """
+import sys
+import ray
+from clgrid.sweep.driver import connect
+connect(None)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.slow
+def test_local_ray_refuses_a_client_without_the_token(tmp_path):
+    """Ray 2.60 turns token auth on for the local instance clgrid starts (RAY_AUTH_MODE unset) and
+    writes the token to ~/.ray/auth_token, here in a fresh HOME: only a client with it gets in."""
+    home, stranger, log = tmp_path / "home", tmp_path / "stranger", tmp_path / "driver.log"
+    home.mkdir()
+    stranger.mkdir()
+    driver = subprocess.Popen([sys.executable, "-c", LOCAL_DRIVER], cwd=home, env=_without_ray_auth(home),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
+                              start_new_session=True)
+    try:
+        address = driver.stdout.readline().strip()
+        assert address, log.read_text()[-3000:]
+        assert (home / ".ray" / "auth_token").read_text().strip()
+        assert _gcs_probe(address, stranger).startswith("AuthenticationError")  # no token at all
+        assert _gcs_probe(address, stranger, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=WRONG_TOKEN).startswith(
+            "AuthenticationError")
+        assert _gcs_probe(address, home, RAY_AUTH_MODE="token") == "1 nodes"  # the driver user's token file
+    finally:
+        _kill_sessions({driver.pid})
+        driver.wait()
+
+
+@pytest.mark.slow
+def test_cluster_refuses_clients_and_nodes_without_the_token(cluster, tmp_path):
+    token = cluster.env["RAY_AUTH_TOKEN"]
+    assert _gcs_probe(cluster.gcs, tmp_path).startswith("AuthenticationError")
+    assert _gcs_probe(cluster.gcs, tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=WRONG_TOKEN).startswith(
+        "AuthenticationError")
+    assert _gcs_probe(cluster.gcs, tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token) == "2 nodes"
+    # the job API runs arbitrary code on the cluster: 401 without a token, 403 with a wrong one
+    jobs = f"{cluster.dashboard}/api/jobs/"
+    assert [_http_status(jobs, t) for t in (None, WRONG_TOKEN, token)] == [401, 403, 200]
+    # a third node without the token cannot join (infra/ hands every node the token for this)
+    ray = str(Path(sys.executable).with_name("ray"))
+    joined = subprocess.run([ray, "start", f"--address={cluster.gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                             f"--temp-dir={tmp_path / 'stranger-node'}", "--disable-usage-stats"], cwd=tmp_path,
+                            env=_without_ray_auth(tmp_path), capture_output=True, text=True, timeout=300)
+    assert joined.returncode != 0 and "Authentication token is missing or incorrect" in joined.stdout + joined.stderr
+    assert _alive_nodes(cluster.dashboard, token) == 2
+
+
+# ---- node loss: the worker node goes away mid-trial (last: the cluster keeps one node after it) ----
+
+
+def _metric_steps(uri: str, run_id: str, key: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_worker_node_lost_mid_trial_resumes_on_the_head(cluster, reference, tmp_path):
+    """Ray Tune's node-removal case (test_remove_node_before_result) for clgrid: both trials hang
+    after their first experience's checkpoint, one per node; the worker node's processes are killed
+    (raylet, its workers, the trial) and the head's hung trial too. Both continue on the head from
+    the checkpoint of experience 0 (not rewritten), each in its one MLflow run, with the accuracy
+    matrix of an undisturbed run."""
+    spec = {**SPEC, "strategies": [SPEC["strategies"][0]]}  # naive, seeds 0 and 1: the reference's first two
+    keys = _trial_keys(spec)
+    path, storage, faults, log = tmp_path / "spec.yaml", tmp_path / "runs", tmp_path / "faults", tmp_path / "driver.log"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    faults.mkdir()
+    for key in keys:
+        (faults / f"{key}.0").write_text("hang")
+    driver = cluster.popen([CLGRID, "run", str(path), "--storage", str(storage), "--address", cluster.gcs,
+                            "--tracking-uri", cluster.mlflow, "--no-report"], log, CLGRID_FAULT_ONCE=str(faults))
+    hung = {k: int(wait_for(lambda k=k: _read(faults / f"{k}.0.pid"), f"trial {k} hanging", timeout=600, logs=(log,)))
+            for k in keys}
+    sweep_dir = _sweep_dir(storage)
+    nodes = {k: _attempts(sweep_dir, k)[0].split("node=")[1] for k in keys}
+    assert len(set(nodes.values())) == 2, nodes  # one trial per node (each has one CPU)
+    head = _head_node(cluster)
+    (lost,) = [k for k in keys if nodes[k] != head]
+    checkpoint = sweep_dir / lost / "checkpoints" / "exp-000.pt"
+    written = checkpoint.stat().st_mtime_ns
+
+    _kill_sessions({cluster.worker.pid})  # the worker node: raylet, object manager, its workers
+    cluster.worker.wait()
+    (stays,) = set(keys) - {lost}
+    os.kill(hung[stays], signal.SIGKILL)  # frees the head's only CPU
+    assert driver.wait(timeout=900) == 0, log.read_text()[-5000:]
+
+    assert [line.split("node=")[1] for line in _attempts(sweep_dir, lost)] == [nodes[lost], head]
+    assert checkpoint.stat().st_mtime_ns == written  # resumed after experience 0, not started over
+    assert _matrices(sweep_dir) == {k: reference[k] for k in keys}
+    runs = _runs(cluster.mlflow, sweep_dir)
+    assert sorted(r.data.tags["clgrid.trial_key"] for r in runs["trial"]) == sorted(keys)  # no duplicate run
+    assert {r.info.status for r in runs["trial"] + runs["sweep"]} == {"FINISHED"}
+    for r in runs["trial"]:
+        assert _metric_steps(cluster.mlflow, r.info.run_id, "acc") == [0, 1]  # every point once
+
+
+def _head_node(cluster: Cluster) -> str:
+    request = urllib.request.Request(f"{cluster.dashboard}/api/v0/nodes",
+                                     headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        (head,) = [n["node_id"] for n in json.load(reply)["data"]["result"]["result"] if n["is_head_node"]]
+    return head

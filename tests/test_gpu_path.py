@@ -183,19 +183,49 @@ def two_gpu_ray():
 
 
 def test_ray_places_four_quarter_gpu_trials_on_each_of_two_gpus(two_gpu_ray, tmp_path: Path) -> None:
-    from clgrid.bench.gpu import concurrent_trials
+    def placed(index: int) -> dict:
+        """A trial's placement: what Ray gave it, held until all eight hold theirs."""
+        import os
+        import time
 
-    trial = tiny_trial({"name": "naive"}, train={"iterations": 2, "batch_size": 16},
-                       resources={"gpus_per_trial": 0.25})
-    ran = concurrent_trials(trial, copies=8, fraction=0.25)
+        import ray
+
+        mine = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "gpu_ids": [str(i) for i in ray.get_gpu_ids()], "pid": os.getpid(), "ready": time.time()}
+        (tmp_path / f"ready-{index}").touch()
+        while len(list(tmp_path.glob("ready-*"))) < 8:
+            time.sleep(0.05)
+        return mine | {"released": time.time()}
+
+    task = two_gpu_ray.remote(placed).options(num_gpus=0.25, num_cpus=0, max_retries=0)
+    ran = two_gpu_ray.get([task.remote(i) for i in range(8)], timeout=300)
     assert sorted(c["cuda_visible_devices"] for c in ran) == ["0"] * 4 + ["1"] * 4
     assert all(c["gpu_ids"] == [c["cuda_visible_devices"]] for c in ran)
-    assert len({c["pid"] for c in ran}) == 8  # eight workers at once
-    assert max(c["ready"] for c in ran) <= min(c["start"] for c in ran)  # all eight held their share together
-    assert all(c["samples"] == 2 * 2 * 16 for c in ran)
+    assert len({c["pid"] for c in ran}) == 8
+    assert max(c["ready"] for c in ran) < min(c["released"] for c in ran)  # all eight at once
+
+
+def test_the_gpu_bench_runs_concurrent_fractional_trials_through_ray(two_gpu_ray) -> None:
+    from clgrid.bench.gpu import concurrent_trials, throughput
+
+    trial = tiny_trial({"name": "naive"}, train={"iterations": 2, "batch_size": 16},
+                       resources={"gpus_per_trial": 0.5})
+    ran = concurrent_trials(trial, copies=2, fraction=0.5)
+    assert [c["cuda_visible_devices"] for c in ran] == ["0", "0"]  # two halves share the first GPU
+    assert max(c["ready"] for c in ran) <= min(c["start"] for c in ran)  # both built before either trains
+    assert all(c["samples"] == 2 * 2 * 16 and c["train_seconds"] > 0 for c in ran)
+    assert throughput(ran) == pytest.approx(128 / (max(c["end"] for c in ran) - min(c["start"] for c in ran)))
 
 
 def test_bench_device_cuda_without_cuda_is_one_line_and_exit_2() -> None:
     proc = run_clgrid("bench", "--device", "cuda", timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and "no CUDA device" in proc.stderr
+
+
+def test_clgrid_list_prints_the_new_fields(capsys: pytest.CaptureFixture) -> None:
+    from clgrid import cli
+
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "precision: 'fp32' (one of fp32 | bf16 | fp16)" in out and "device_data_share: 0.5" in out

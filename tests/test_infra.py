@@ -7,6 +7,7 @@ is also validated with Ray's own schema, the same check `ray up` runs, which wor
 from __future__ import annotations
 
 import copy
+import json
 import pathlib
 import re
 
@@ -76,7 +77,10 @@ def inline_secrets(obj, where: str = "") -> list[str]:
         if isinstance(obj.get("name"), str) and SECRET_NAME.search(obj["name"]) and _is_literal(obj.get("value")):
             found.append(f"{where}.{obj['name']}")
         for key, value in obj.items():
-            if isinstance(value, (str, int, float)) and SECRET_NAME.search(str(key)) and _is_literal(value):
+            # a key naming a Secret object (authOptions.secretName) holds a name, and a file_mounts
+            # entry (~/.ray/auth_token: ~/.ray/auth_token) a path: neither is a secret
+            if isinstance(value, (str, int, float)) and SECRET_NAME.search(str(key)) and not str(key).endswith("Name") \
+                    and not str(value).startswith(("/", "~/")) and _is_literal(value):
                 found.append(f"{where}.{key}")
             found += inline_secrets(value, f"{where}.{key}")
     elif isinstance(obj, list):
@@ -452,11 +456,12 @@ def test_compose_creates_the_artifact_bucket_before_mlflow(compose):
     creators = [
         n
         for n, s in services.items()
-        if n != name and bucket_var in str(s.get("environment", "")) and "create_bucket" in _command(s)
+        if n != name and bucket_var in str(s.get("environment", "")) and re.search(r"\bmc mb\b", _command(s))
     ]
     assert creators, f"no init service creates the bucket ${{{bucket_var}}}"
     for creator in creators:
         assert mlflow["depends_on"][creator]["condition"] == "service_completed_successfully"
+        assert bucket_var in str(services[creator]["environment"]["BUCKET"])
 
 
 def test_compose_publishes_only_on_loopback_by_default(compose):
@@ -480,3 +485,269 @@ def test_mlflow_image_has_the_postgres_and_s3_clients():
     runs = " ".join(a for i, a in dockerfile_stages(INFRA / "mlflow" / "Dockerfile")[-1]["instructions"] if i == "RUN")
     assert re.search(r"pip install .*mlflow", runs)
     assert "psycopg2" in runs and "boto3" in runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Authentication and least privilege (issue 19)
+
+
+def _ref(value: str) -> str | None:
+    """The variable a compose value refers to (``${VAR:?msg}`` -> VAR), else None."""
+    found = re.fullmatch(r"\$\{(\w+)[^}]*\}", str(value).strip())
+    return found.group(1) if found else None
+
+
+def _change_me_vars() -> set[str]:
+    return {k for k, v in _env_file(INFRA / "mlflow" / ".env.example") if "change-me" in v}
+
+
+def test_mlflow_runs_its_basic_auth_app(compose):
+    (mlflow,) = [s for s in compose["services"].values() if "mlflow server" in _command(s)]
+    assert re.search(r"--app-name[= ]basic-auth\b", _command(mlflow))
+    env = mlflow["environment"]
+    for var in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert _ref(env[var]), f"{var}: from .env, not written here"
+    assert _ref(env["MLFLOW_AUTH_ADMIN_PASSWORD"]) in _change_me_vars()
+    mounts = dict(v.rsplit(":", 2)[:2] for v in mlflow["volumes"] if v.startswith("./"))
+    (ini,) = [host for host, inside in mounts.items() if inside == env["MLFLOW_AUTH_CONFIG_PATH"]]
+    import configparser
+
+    config = configparser.ConfigParser()
+    assert config.read(INFRA / "mlflow" / ini)
+    assert config["mlflow"]["default_permission"] in {"READ", "NO_PERMISSIONS"}
+    assert "admin_password" not in config["mlflow"], "the admin password comes from .env"
+    assert config["mlflow"]["authorization_function"].endswith(":authenticate_request_basic_auth")
+
+
+def test_mlflow_uses_a_scoped_minio_key_not_the_root_keys(compose):
+    services = compose["services"]
+    (mlflow,) = [s for s in services.values() if "mlflow server" in _command(s)]
+    key, secret = _ref(mlflow["environment"]["AWS_ACCESS_KEY_ID"]), _ref(mlflow["environment"]["AWS_SECRET_ACCESS_KEY"])
+    assert key and secret and not {key, secret} & {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
+    # the root keys reach MinIO itself and the one-shot setup, nothing else
+    holders = {n for n, s in services.items() if "MINIO_ROOT_PASSWORD" in str(s.get("environment", ""))}
+    (setup,) = holders - {"minio"}
+    command = _command(services[setup])
+    assert re.search(rf'mc admin user add local "\$\$(\w+)" "\$\$(\w+)"', command)
+    names = {_ref(v) for v in services[setup]["environment"].values()}
+    assert {key, secret} <= names
+    attach = re.search(r"mc admin policy attach local (\S+) --user", command).group(1)
+    created = re.search(rf"mc admin policy create local {attach} (\S+)", command).group(1)
+    body = re.search(rf"cat > {re.escape(created)} <<(\w+)\n(.*?)\n\1\n", command, re.S).group(2)
+    policy = json.loads(body.replace("$$BUCKET", "the-bucket"))
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        assert all(a.startswith("s3:") and "*" not in a for a in statement["Action"])
+        assert all(re.fullmatch(r"arn:aws:s3:::the-bucket(/\*)?", r) for r in statement["Resource"])
+
+
+def test_compose_refuses_to_start_with_placeholders(compose):
+    services = compose["services"]
+    checks = [n for n, s in services.items() if "check-env.sh" in " ".join(map(str, s.get("entrypoint", [])))]
+    (check,) = checks
+    assert services[check]["env_file"] == [".env"]  # every variable of .env, whatever its name
+    waits = {n: {d for d, c in s.get("depends_on", {}).items() if c["condition"].startswith("service_")}
+             for n, s in services.items()}
+
+    def needs_check(name: str, seen=()) -> bool:
+        return check in waits[name] or any(needs_check(d, (*seen, name)) for d in waits[name] if d not in seen)
+
+    for name in set(services) - {check}:
+        assert needs_check(name), f"{name} starts without waiting for {check}"
+    for name, service in services.items():  # the check must complete, not merely start
+        if check in service.get("depends_on", {}):
+            assert service["depends_on"][check]["condition"] == "service_completed_successfully", name
+
+
+def test_placeholder_refusal_script_names_each_variable_left(tmp_path):
+    import subprocess
+
+    script = INFRA / "mlflow" / "check-env.sh"
+    example = dict(_env_file(INFRA / "mlflow" / ".env.example"))
+    base = {"PATH": "/usr/bin:/bin"}
+    refused = subprocess.run(["sh", str(script)], env={**base, **example}, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1
+    named = set(re.findall(r"infra/mlflow/\.env: (\w+) still holds", refused.stderr))
+    assert named == _change_me_vars() and len(named) >= 6
+    assert not any(example[k] in refused.stderr for k in named), "the values themselves are never printed"
+    filled = {k: (v.replace("change-me", "x7Qp") if "change-me" in v else v) for k, v in example.items()}
+    one_left = {**filled, "MLFLOW_CLGRID_PASSWORD": "Change-Me-later"}
+    assert subprocess.run(["sh", str(script)], env={**base, **filled}, capture_output=True, timeout=30).returncode == 0
+    left = subprocess.run(["sh", str(script)], env={**base, **one_left}, capture_output=True, text=True, timeout=30)
+    assert left.returncode == 1 and "MLFLOW_CLGRID_PASSWORD" in left.stderr
+
+
+# ---- Ray cluster launcher
+
+
+def _exports(command: str) -> dict[str, str]:
+    return dict(re.findall(r"\b(RAY_AUTH_\w+)=(\S+)", command))
+
+
+def test_cluster_hands_every_node_the_token(cluster):
+    mounts = cluster["file_mounts"]
+    remote = [r for r, local in mounts.items() if local == "~/.ray/auth_token"]  # `ray get-auth-token --generate`
+    assert remote, "the token file is not mounted on the nodes"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in cluster[key] if re.search(r"\bray start\b", c)]
+        env = _exports(start.split("ray start")[0])
+        assert env.get("RAY_AUTH_MODE") == "token", key
+        assert env.get("RAY_AUTH_TOKEN_PATH", "").replace("$HOME", "~") in remote, key
+
+
+def test_cluster_names_its_security_group_and_head_profile(cluster):
+    # Without SecurityGroupIds Ray creates a group with SSH open to 0.0.0.0/0; without
+    # IamInstanceProfile the head gets AmazonEC2FullAccess and AmazonS3FullAccess.
+    types = cluster["available_node_types"]
+    for name, node_type in types.items():
+        assert node_type["node_config"].get("SecurityGroupIds"), name
+    head = types[cluster["head_node_type"]]["node_config"]
+    assert "instance-profile/" in head["IamInstanceProfile"]["Arn"]
+    assert "0.0.0.0/0" not in (INFRA / "ray" / "cluster.yaml").read_text()
+
+
+@pytest.fixture(scope="module")
+def prereqs() -> dict:
+    return load_one(INFRA / "ray" / "aws-prereqs.yaml")
+
+
+def test_prereqs_limit_ssh_to_the_named_cidr(prereqs):
+    cidr = prereqs["Parameters"]["SshCidr"]
+    assert "Default" not in cidr, "the user must name the CIDR"
+    pattern = re.compile(cidr["AllowedPattern"])
+    assert pattern.search("203.0.113.7/32") and pattern.search("10.0.0.0/8")
+    for refused in ("0.0.0.0/0", "CHANGE-ME", "203.0.113.7", "1.2.3.4/0", "::/0"):
+        assert not pattern.search(refused), refused
+    (group,) = [r for r in prereqs["Resources"].values() if r["Type"] == "AWS::EC2::SecurityGroup"]
+    rules = group["Properties"]["SecurityGroupIngress"]
+    assert rules == [{"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, "CidrIp": {"Ref": "SshCidr"}}]
+    extra = [r["Properties"] for r in prereqs["Resources"].values() if r["Type"] == "AWS::EC2::SecurityGroupIngress"]
+    assert all("CidrIp" not in r and "CidrIpv6" not in r and "SourceSecurityGroupId" in r for r in extra)
+
+
+def test_prereqs_head_role_is_least_privilege(prereqs):
+    (role,) = [r["Properties"] for r in prereqs["Resources"].values() if r["Type"] == "AWS::IAM::Role"]
+    assert not role.get("ManagedPolicyArns"), "no AWS managed (full access) policies"
+    statements = [s for p in role["Policies"] for s in p["PolicyDocument"]["Statement"]]
+    actions = [a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])]
+    assert all(a.count(":") == 1 and not a.endswith("*") for a in actions), actions
+    assert not {a for a in actions if a.startswith(("s3:", "iam:"))}
+    for s in statements:
+        if {"ec2:TerminateInstances", "ec2:StopInstances"} & set(s["Action"]):
+            assert "ec2:ResourceTag/ray-cluster-name" in s["Condition"]["StringEquals"]
+    (profile,) = [r["Properties"] for r in prereqs["Resources"].values() if r["Type"] == "AWS::IAM::InstanceProfile"]
+    assert len(profile["Roles"]) == 1
+
+
+# ---- KubeRay
+
+
+def _cluster_specs() -> dict[str, dict]:
+    return {"raycluster": _raycluster()["spec"], "rayjob": _rayjob()["spec"]["rayClusterSpec"]}
+
+
+def _containers(pod: dict) -> list[dict]:
+    return pod.get("initContainers", []) + pod["containers"]
+
+
+def test_kuberay_hands_every_pod_the_token_from_a_secret():
+    for name, spec in _cluster_specs().items():
+        auth = spec.get("authOptions")
+        assert auth and auth["mode"] == "token", f"{name}: explicit token auth (KubeRay authOptions)"
+        assert re.fullmatch(r"[a-z0-9-]+", auth["secretName"]), f"{name}: the token comes from a Secret"
+        for pod in _pod_specs(spec):
+            for c in _containers(pod):
+                env = {e["name"]: e for e in c.get("env", [])}
+                assert "RAY_AUTH_TOKEN" not in env and env.get("RAY_AUTH_MODE", {}).get("value", "token") == "token"
+    secrets = {spec["authOptions"]["secretName"] for spec in _cluster_specs().values()}
+    (secret,) = secrets
+    assert f"kubectl -n clgrid create secret generic {secret} --from-literal=auth_token=" in (INFRA / "README.md").read_text()
+
+
+def test_kuberay_trials_get_mlflow_credentials_from_a_secret():
+    for name, spec in _cluster_specs().items():
+        for pod in _pod_specs(spec):
+            env = {e["name"]: e for e in pod["containers"][0]["env"]}
+            for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                assert "secretKeyRef" in env[var]["valueFrom"], f"{name}: {var}"
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected",
+                      "secret"}
+
+
+def _check_restricted(pod: dict, where: str) -> None:
+    pod_ctx = pod.get("securityContext", {})
+    assert pod_ctx.get("runAsNonRoot") is True and pod_ctx.get("runAsUser", 1) != 0, where
+    for c in _containers(pod):
+        ctx = c.get("securityContext", {})
+        assert ctx.get("allowPrivilegeEscalation") is False, f"{where}/{c['name']}"
+        assert ctx.get("capabilities", {}).get("drop") == ["ALL"] and not ctx["capabilities"].get("add"), c["name"]
+        assert (ctx.get("seccompProfile") or pod_ctx.get("seccompProfile", {})).get("type") == "RuntimeDefault"
+        assert ctx.get("runAsNonRoot", pod_ctx["runAsNonRoot"]) is True and not ctx.get("privileged")
+    for volume in pod.get("volumes", []):
+        assert set(volume) - {"name"} <= RESTRICTED_VOLUMES, f"{where}: volume {volume['name']}"
+
+
+def test_kuberay_namespace_enforces_restricted_and_every_pod_meets_it():
+    docs = load_docs(INFRA / "kuberay" / "config.yaml")
+    (namespace,) = [d for d in docs if d["kind"] == "Namespace"]
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    for path in sorted((INFRA / "kuberay").glob("*.yaml")):
+        for doc in load_docs(path):
+            if doc["kind"] != "Namespace":
+                assert doc["metadata"].get("namespace") == namespace["metadata"]["name"], f"{path.name}: {doc['kind']}"
+    for name, spec in _cluster_specs().items():
+        for i, pod in enumerate(_pod_specs(spec)):
+            _check_restricted(pod, f"{name} pod {i}")
+        # KubeRay adds the autoscaler container with autoscalerOptions.securityContext; its init
+        # containers copy the Ray container's.
+        _check_restricted({"securityContext": {"runAsNonRoot": True},
+                           "containers": [{"name": "autoscaler", **spec["autoscalerOptions"]}]}, f"{name} autoscaler")
+    _check_restricted(_rayjob()["spec"]["submitterPodTemplate"]["spec"], "rayjob submitter")
+
+
+def _policies() -> list[dict]:
+    return [d for d in load_docs(INFRA / "kuberay" / "networkpolicy.yaml") if d["kind"] == "NetworkPolicy"]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        if e["operator"] != "In" or labels.get(e["key"]) not in e["values"]:
+            return False
+    return bool(selector)
+
+
+def _ray_pod_labels() -> dict[str, list[dict]]:
+    return {name: [p["metadata"]["labels"] for p in [spec["headGroupSpec"]["template"]]
+                   + [g["template"] for g in spec["workerGroupSpecs"]]] for name, spec in _cluster_specs().items()}
+
+
+def test_networkpolicy_admits_gcs_and_job_api_only_from_what_needs_them():
+    submitter = _rayjob()["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    for name, pods in _ray_pod_labels().items():
+        for labels in pods:
+            governing = [p for p in _policies() if _selects(p["spec"]["podSelector"], labels)]
+            assert governing, f"{name}: pods with {labels} are open to every pod"
+            for policy in governing:
+                assert "Ingress" in policy["spec"]["policyTypes"]
+                for rule in policy["spec"]["ingress"]:
+                    assert rule.get("from"), f"{policy['metadata']['name']}: a rule admitting every source"
+                    ports = {p["port"] for p in rule.get("ports", [])}
+                    for peer in rule["from"]:
+                        assert "ipBlock" not in peer and "podSelector" in peer, policy["metadata"]["name"]
+                        own = all(_selects(peer["podSelector"], other) for other in pods)
+                        if not own:  # anyone but the cluster's own pods: the job API at most
+                            assert ports and ports <= {8265}, f"{policy['metadata']['name']}: {peer}"
+                            assert _selects(peer["podSelector"], submitter) or _selects(peer["podSelector"], operator)
+                # the cluster's own pods, the submitter and the operator do get in
+                rules = policy["spec"]["ingress"]
+                admitted = lambda who, port: any(  # noqa: E731
+                    any(_selects(p["podSelector"], who) for p in r["from"])
+                    and (not r.get("ports") or port in {x["port"] for x in r["ports"]}) for r in rules)
+                assert all(admitted(other, 6379) and admitted(other, 8265) for other in pods)
+                assert admitted(submitter, 8265) and admitted(operator, 8265)
+                assert not admitted(submitter, 6379) and not admitted({"app": "anything-else"}, 8265)

@@ -32,9 +32,11 @@ def test_padded_distillation_penalises_mass_on_new_classes_only() -> None:
     old = torch.randn(16, 4, generator=g)
     # Without new classes it is the old-class distillation.
     assert padded_distillation(old, old + 3.0, 2.0).item() == pytest.approx(0.0, abs=1e-6)
-    assert padded_distillation(old * 2, old, 2.0).item() == pytest.approx(distillation(old * 2, old, 2.0).item(), rel=1e-5)
+    assert padded_distillation(old * 2, old, 2.0).item() == pytest.approx(distillation(old * 2, old, 2.0).item(),
+                                                                           rel=1e-5)
     # The student agrees on the old classes; the more it puts on a new one, the larger the loss.
-    losses = [padded_distillation(torch.cat([old, torch.full((16, 1), v)], 1), old, 2.0).item() for v in (-60.0, 0.0, 5.0)]
+    losses = [padded_distillation(torch.cat([old, torch.full((16, 1), v)], 1), old, 2.0).item()
+              for v in (-60.0, 0.0, 5.0)]
     assert losses[0] < 1e-6 < losses[1] < losses[2]
     # Its gradient pushes the new-class score down.
     new = torch.zeros(16, 1, requires_grad=True)

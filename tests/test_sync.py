@@ -210,7 +210,7 @@ def test_sync_reads_the_folders_and_imports_neither_torch_nor_ray(tmp_path):
     from clgrid.spec import PipelineSpec
     from clgrid.sweep import driver
     from clgrid.sweep.layout import SweepDir
-    from clgrid.sweep.outbox import Outbox
+    from clgrid.sweep.outbox import record_end
     from clgrid.sweep.trial_logger import TrialLogger
 
     spec = PipelineSpec.model_validate(tiny_spec([{"name": "naive"}], storage={"root": str(tmp_path / "runs")}))
@@ -225,9 +225,7 @@ def test_sync_reads_the_folders_and_imports_neither_torch_nor_ray(tmp_path):
         log.experience(experience, row, {"acc": row[experience]}, {"train_flops": 1.0})
     log.matrix(R, [0.1, 0.1])
     log.end("FINISHED")
-    ended = Outbox.open(sweep, meta.parent_run_id)  # the driver's end, which the server missed too
-    ended.status = "FINISHED"
-    ended.save()
+    record_end(sweep, meta.parent_run_id, "FINISHED")  # the driver's end, which the server missed too
     assert not list(sweep.path.rglob("*.pt"))
 
     proc = subprocess.run([sys.executable, "-c", SYNC_IN_A_FRESH_PROCESS, str(sweep.path), meta.tracking_uri],
@@ -237,4 +235,47 @@ def test_sync_reads_the_folders_and_imports_neither_torch_nor_ray(tmp_path):
     c = MlflowClient(meta.tracking_uri)
     assert [(m.step, m.value) for m in c.get_metric_history(trial.run_id, "acc")] == [(0, 0.5), (1, 0.25)]
     assert {c.get_run(run_id).info.status for run_id in (trial.run_id, meta.parent_run_id)} == {"FINISHED"}
+    assert not list(sweep.path.rglob("unsynced.json"))
+
+
+def test_sync_beside_a_trials_logger_loses_nothing(tmp_path):
+    """`clgrid sync` looping beside a trial's logger on one folder (threads): the logger lists each
+    experience (its server is away), then the matrix, and the end; sync uploads and unlists them
+    meanwhile. Both change the outbox item by item under its lock, so the run ends with every
+    experience exactly once, the matrix, FINISHED, and no outbox."""
+    from mlflow.tracking import MlflowClient
+
+    from clgrid.spec import PipelineSpec
+    from clgrid.sweep import driver, sync
+    from clgrid.sweep.layout import SweepDir
+    from clgrid.sweep.trial_logger import TrialLogger
+
+    spec = PipelineSpec.model_validate(tiny_spec([{"name": "naive"}], storage={"root": str(tmp_path / "runs")}))
+    sweep = SweepDir(driver.prepare(spec))
+    meta = sweep.meta()
+    (trial,) = meta.trials
+    experiences, logged, uploads = 20, threading.Event(), []
+
+    def trial_logs() -> None:
+        log = TrialLogger(f"http://127.0.0.1:{free_port()}", trial.run_id, sweep.trial(trial.trial_key), seconds=0)
+        log.start()
+        for e in range(experiences):
+            log.experience(e, [0.5], {"acc": e / 100}, {"train_flops": 1.0})
+            time.sleep(0.25)  # a sync pass takes about as long
+        log.matrix([[0.5]], [0.1])
+        log.end("FINISHED")
+        logged.set()
+
+    logger = threading.Thread(target=trial_logs)
+    logger.start()
+    while not logged.is_set():
+        uploads.append(sync.sync_sweep(sweep.path, meta.tracking_uri).points)
+    logger.join()
+    sync.sync_sweep(sweep.path, meta.tracking_uri)
+    assert sum(1 for n in uploads if n) >= 2, f"sync never ran beside the logger: {uploads}"
+    c = MlflowClient(meta.tracking_uri)
+    assert sorted((m.step, m.value) for m in c.get_metric_history(trial.run_id, "acc")) == [
+        (e, e / 100) for e in range(experiences)]
+    assert c.get_run(trial.run_id).info.status == "FINISHED"
+    assert {a.path for a in c.list_artifacts(trial.run_id)} >= {"accuracy_matrix.json"}
     assert not list(sweep.path.rglob("unsynced.json"))

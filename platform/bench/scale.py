@@ -50,10 +50,14 @@ def bench_sweep_scale(trials: int, root: Path) -> dict[str, Any]:
     """One sweep of ``trials`` tiny trials in a fresh, niced process: per-trial cost and driver memory."""
     spec = scale_spec(trials, root)
     cmd = [sys.executable, "-m", "clgrid.bench.overhead", "--sweep-child", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=36000)
-    if proc.returncode:
-        raise RuntimeError(f"scale sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # CPU of the driver and of the Ray processes it reaped
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"scale sweep failed:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    data = json.loads(stdout.strip().splitlines()[-1])
     marks, ts = data["marks"], data["trials"]
     if any(t["train_seconds"] is None for t in ts):
         raise RuntimeError("a trial of the scale sweep failed")
@@ -65,6 +69,7 @@ def bench_sweep_scale(trials: int, root: Path) -> dict[str, Any]:
         "steady_wall": last - first, "cost_per_trial": (cores * (last - first) - train) / len(ts),
         "fixed": (first - marks["start"]) + (marks["shut_down"] - last),
         "driver_peak_rss_mb": data["driver"]["peak_rss_mb"], "driver_cpu": data["driver"]["cpu_seconds"],
+        "cpu_seconds": usage.ru_utime + usage.ru_stime, "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
 
 
@@ -90,7 +95,8 @@ def report(results: dict[str, Any]) -> None:
         print(f"scale: {s['trials']} trials, {s['train_seconds']:.1f} train s in {s['wall']:.1f} s wall "
               f"({s['fixed']:.1f} s of it start-up and shut-down): platform cost {s['cost_per_trial']:.3f} "
               f"core-s per trial (target <= {COST_TARGET}: {verdict(s['cost_per_trial'] <= COST_TARGET)}); "
-              f"driver peak RSS {s['driver_peak_rss_mb']:.0f} MB, driver CPU {s['driver_cpu']:.1f} s", flush=True)
+              f"driver peak RSS {s['driver_peak_rss_mb']:.0f} MB; CPU {s['cpu_seconds']:.1f} s in all, "
+              f"{s['driver_cpu']:.1f} s of it the driver's; load average {s['load']}", flush=True)
     if len(sweeps) > 1:
         growth = sweeps[-1]["driver_peak_rss_mb"] / sweeps[0]["driver_peak_rss_mb"]
         print(f"scale: driver memory {sweeps[0]['trials']} -> {sweeps[-1]['trials']} trials x{growth:.2f} "

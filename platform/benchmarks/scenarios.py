@@ -85,8 +85,8 @@ def class_order(spec: BenchmarkSpec, seed: int) -> list[list[int]] | None:
 def validation_mask(spec: BenchmarkSpec, seed: int, y: Tensor) -> Tensor:
     """Which rows of the source's training data form the validation split: of every class,
     round(validation x its count), drawn by a generator of its own (off the streams the trial seed
-    drives elsewhere). Every experience holds each of its classes whole, so this is also per class
-    within each experience."""
+    drives elsewhere). Split and domain experiences hold each of their classes whole, so this is
+    also per class within each experience."""
     generator = torch.Generator().manual_seed(seed + _VALIDATION_SEED)
     held = torch.zeros(len(y), dtype=torch.bool)
     for c in range(NUM_CLASSES[spec.source]):

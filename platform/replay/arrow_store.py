@@ -44,7 +44,11 @@ class ArrowReplayStore:
                 a commit started from is kept as well, so a checkpoint recording it can still resume
     filesystem: a pyarrow FileSystem in which ``root`` is a path (instead of a URI)
 
-    One writer per store: two stores writing the same folder would remove each other's files.
+    One writer per store: two stores writing the same folder would remove each other's files (and
+    could pick the same next manifest id). In a sweep, the sweep's lease and each trial attempt's
+    mark (``clgrid.sweep.lease``) make it so: an attempt Ray retries starts only once the one before
+    has stopped; its commits take ids above that attempt's, whose temporary files and manifests past
+    the checkpoint are then garbage like any superseded file.
     Raises ReplayStoreError subclasses when the store cannot be opened as it was written.
     """
 

@@ -32,7 +32,7 @@ T = TypeVar("T")
 JOINT = "joint"
 STORAGE_PARTS = ("replay_bytes", "strategy_state_bytes", "model_bytes")
 BUDGET_KEYS = ("compute_flops", "storage_bytes")
-# Accuracy columns with a validation counterpart `val_<key>` (clgrid.train.metrics.summary of R_val).
+# Accuracy columns with a validation counterpart `val_<key>` (clgrid.train.metrics.validation).
 VALIDATED = ("acc", "forgetting", "bwt", "fwt", "learning_acc")
 
 
@@ -87,7 +87,7 @@ COLUMNS = (
 )
 COLUMN = {c.key: c for c in COLUMNS}
 SHOWN_WITH = {"total_flops": "tuning_train_flops"}  # an optional column shown when another has values
-VALUE_KEYS = (*COLUMN, "storage_bytes", *(f"val_{k}" for k in VALIDATED if f"val_{k}" not in COLUMN))
+VALUE_KEYS = (*COLUMN, "storage_bytes", *(v for k in VALIDATED if (v := f"{metrics.VAL_PREFIX}{k}") not in COLUMN))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +268,8 @@ def _group(benchmark: str, scenario: str, by_config: dict[str, list[Trial]],
     by_validation = all(math.isfinite(c.summary("val_acc")[0]) for c in configs)
     columns = [col for col in COLUMNS if not col.optional
                or any(math.isfinite(v) for c in configs for v in c.values[SHOWN_WITH.get(col.key, col.key)].values())]
-    cells = {(key, col.key): cell for col in columns for key, cell in _column_cells(configs, col, by_validation).items()}
+    cells = {(key, col.key): cell for col in columns
+             for key, cell in _column_cells(configs, col, by_validation).items()}
     budget = _choose_under_budget(configs, seeds, budgets, by_validation)
     return Group(benchmark, scenario, configs, seeds, cells, budget, columns, by_validation, tuning), issues
 
@@ -330,7 +331,7 @@ def _column_cells(configs: list[Config], col: Column, by_validation: bool) -> di
     """Cells of one column: best mean marked, others tested against it (paired over seeds, Holm-corrected
     over the column's tests). An accuracy column is judged on its validation metric when every row has
     one (`by_validation`): its cells show test values, its marks never read them."""
-    judged = f"val_{col.key}" if by_validation and col.key in VALIDATED else col.key
+    judged = f"{metrics.VAL_PREFIX}{col.key}" if by_validation and col.key in VALIDATED else col.key
     sums = {c.key: c.summary(col.key) for c in configs}
     score = {c.key: c.summary(judged)[0] for c in configs}
     finite = [c for c in configs if math.isfinite(sums[c.key][0]) and math.isfinite(score[c.key])]

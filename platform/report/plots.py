@@ -210,13 +210,13 @@ def _figures(cfgs: list[Config]) -> list[tuple[str, str, Callable[..., Figure], 
         figures += [("matrices", "Accuracy matrices (mean over seeds)", heatmap_figure, (mats,)),
                     ("stream", "Accuracy on each experience over the stream (mean over seeds)", stream_figure, (mats,))]
     figures += _drift_figures(cfgs)
-    traces = _mean_traces(cfgs)
+    traces = mean_traces(cfgs)
     if traces:
         figures += [
             ("continual", "Accuracy over training steps (continual evaluation, mean ± 95% CI over seeds)",
-             continual_figure, ([(label, steps, mean, hw) for label, steps, mean, hw, _, _ in traces], traces[0][5])),
+             continual_figure, ([(t.label, t.steps, t.mean, t.hw) for t in traces], traces[0].boundaries)),
             ("continual-experiences", "Accuracy on each experience over training steps (mean over seeds)",
-             continual_experiences_figure, ([(label, steps, per_exp, b) for label, steps, _, _, per_exp, b in traces],))]
+             continual_experiences_figure, ([(t.label, t.steps, t.per_experience, t.boundaries) for t in traces],))]
     by_strategy: dict[str, list[Config]] = defaultdict(list)
     for c in cfgs:
         by_strategy[c.strategy].append(c)
@@ -293,10 +293,20 @@ def _drift_figures(cfgs: list[Config]) -> list[tuple[str, str, Callable[..., Fig
     return figures
 
 
-def _mean_traces(configs: list[Config]) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[float]]]:
-    """Per configuration with continual-evaluation traces: (label, the steps every seed evaluated at,
-    mean and CI half-width over seeds of the accuracy on the experiences seen, the [step, experience]
-    mean accuracy (NaN before an experience starts), the first seed's boundaries)."""
+@dataclass(frozen=True)
+class MeanTrace:
+    """A configuration's continual-evaluation traces averaged over its seeds."""
+
+    label: str
+    steps: np.ndarray  # the steps every seed evaluated at
+    mean: np.ndarray  # mean and 95% CI half-width over seeds of the accuracy on the experiences seen
+    hw: np.ndarray
+    per_experience: np.ndarray  # [step, experience] mean over seeds; NaN before an experience starts
+    boundaries: list[float]  # the first seed's
+
+
+def mean_traces(configs: list[Config]) -> list[MeanTrace]:
+    """The mean trace of each configuration with continual-evaluation traces."""
     out = []
     for c in configs:
         runs: list[Continual] = [t.continual for t in c.by_seed.values() if t.continual is not None]
@@ -317,7 +327,7 @@ def _mean_traces(configs: list[Config]) -> list[tuple[str, np.ndarray, np.ndarra
         with warnings.catch_warnings():  # an experience not started yet at a step stays NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             seen = np.nanmean(per_exp, axis=0)
-        out.append((c.label, steps, mean, hw, seen, runs[0].boundaries))
+        out.append(MeanTrace(c.label, steps, mean, hw, seen, runs[0].boundaries))
     return out
 
 

@@ -14,6 +14,7 @@ from clgrid.report.plots import Image
 from clgrid.report.setting import class_orders, setting
 from clgrid.report.stats import ALPHA, MIN_SEEDS, summarize
 from clgrid.report.tuning import compare
+from clgrid.tracking.schema import TUNE
 
 Section = tuple[Group, list[Image]]
 
@@ -29,11 +30,12 @@ BY_TEST = ("★ and the budget's pick compare test accuracy: these runs had no v
            "choices have seen the test set.")
 BY_VALIDATION = "★ and the budget's pick compare validation metrics; every number shown is on the test set."
 TUNING_TITLE = "What tuning on test would have said"
-TUNING_NOTE = ("Per strategy, among its tuning runs: the configuration the validation metric picked (the final "
-               "runs' configuration) and the one the best mean test accuracy would have picked, each with its mean "
-               "test ACC over the tuning seeds; optimism = the difference. Rankings: this sweep's (final runs' "
-               "test ACC) against the one a test-tuned report would print (the test pick's ACC).")
-TUNING_HEADER = ["strategy", "configurations tried", "validation's pick", "its test ACC", "final runs' test ACC",
+TUNING_NOTE = ("Per strategy, among its configurations that finished on every tuning seed: the configuration the "
+               "validation metric picked (the final runs' configuration) and the one the best mean test accuracy "
+               "would have picked, each with its mean test ACC over the tuning seeds; optimism = the difference. "
+               "Rankings: this sweep's (final runs' test ACC) against the one a test-tuned report would print (the "
+               "test pick's ACC).")
+TUNING_HEADER = ["strategy", "configurations compared", "validation's pick", "its test ACC", "final runs' test ACC",
                  "test's pick", "its test ACC", "optimism"]
 
 ISSUE_HEADER = ["group", "configuration", "seed", "run id", "problem"]
@@ -56,8 +58,11 @@ def intro(sweep: Sweep) -> str:
     source = (f"sweep {sweep.sweep_id} (parent run {sweep.parent_run_id})" if sweep.parent_run_id
               else "all trial runs (no sweep parent run)")
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    tuning = sum(t.phase == TUNE for t in sweep.trials)
+    tuned = (f" {tuning} of the {len(sweep.trials)} are tuning runs: no rows of the tables, they make the "
+             f"tuning costs and \"{TUNING_TITLE}\".") if tuning else ""
     return (f"Experiment {sweep.experiment}, {source}: {sweep.n_finished} of {len(sweep.trials)} trial runs "
-            f"finished. Generated {when}.")
+            f"finished.{tuned} Generated {when}.")
 
 
 def heading(group: Group) -> str:
@@ -76,7 +81,8 @@ def notes(group: Group) -> list[str]:
                    "Holm), so ≈ and its absence say little; run more seeds to rank these rows.")
     orders = class_orders(group)
     if orders:
-        listed = "; ".join(f"[{order}] (seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)})" for order, seeds in orders)
+        listed = "; ".join(f"[{order}] (seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)})"
+                           for order, seeds in orders)
         out.append(f"Class orders: {len(orders)} distinct over {len(group.seeds)} seed(s): {listed}.")
     return out
 
@@ -95,9 +101,10 @@ def tuning_section(group: Group) -> tuple[list[list[str]], str] | None:
         final = "—" if not math.isfinite(p.final_acc[0]) else acc(p.final_acc[0]) + (
             f" ± {p.final_acc[1]:.3f}" if math.isfinite(p.final_acc[1]) else "")
         val = p.by_validation
+        optimism = f"{p.optimism:+.3f}" if math.isfinite(p.optimism) else "—"
         rows.append([p.strategy, f"{p.n_configs} ({p.n_finished} of {p.n_runs} runs finished)",
                      val.label if val else "— (no val_acc)", acc(val.tuning_acc) if val else "—", final,
-                     p.by_test.label, acc(p.by_test.tuning_acc), f"{p.optimism:+.3f}" if math.isfinite(p.optimism) else "—"])
+                     p.by_test.label, acc(p.by_test.tuning_acc), optimism])
     tau = (f"Kendall's τ = {comparison.tau:.2f} (p = {comparison.p:.2g}, {len(comparison.by_validation)} strategies)"
            if math.isfinite(comparison.tau) else "Kendall's τ: needs two strategies with a ranking")
     text = (f"Ranking as this sweep reports it: {' > '.join(comparison.by_validation) or '—'}. "
@@ -182,8 +189,9 @@ def markdown(experiment: str, intro_text: str, sections: list[Section], issues: 
         tuning = tuning_section(g)
         if tuning:
             rows, text = tuning
-            out += [f"### {TUNING_TITLE}", "", TUNING_NOTE, "", _md_row(TUNING_HEADER), "|" + "---|" * len(TUNING_HEADER),
-                    *(_md_row([_md_escape(x) for x in row]) for row in rows), "", text, ""]
+            out += [f"### {TUNING_TITLE}", "", TUNING_NOTE, "", _md_row(TUNING_HEADER),
+                    "|" + "---|" * len(TUNING_HEADER), *(_md_row([_md_escape(x) for x in row]) for row in rows),
+                    "", text, ""]
         head, rows = drift_table(g)
         if rows:
             out += [f"### {DRIFT_TITLE}", "", DRIFT_NOTE, "", _md_row(head), "|" + "---|" * len(head),
@@ -229,13 +237,14 @@ def html(experiment: str, intro_text: str, sections: list[Section], issues: list
     body.append(f"<p><small>{e(LEGEND)}</small></p>")
     for g, images in sections:
         body += [f"<h2>{e(heading(g))}</h2>", *(f"<p>{e(note)}</p>" for note in notes(g)), _html_results(g),
-                 "<h3>Best under a budget</h3>", f"<p>{_budget_text(g.budget, lambda s: f'<strong>{s}</strong>', e)}</p>"]
+                 "<h3>Best under a budget</h3>",
+                 f"<p>{_budget_text(g.budget, lambda s: f'<strong>{s}</strong>', e)}</p>"]
         tuning = tuning_section(g)
         if tuning:
             rows, text = tuning
-            body += [f"<h3>{e(TUNING_TITLE)}</h3>", f"<p><small>{e(TUNING_NOTE)}</small></p>", _html_table(
-                TUNING_HEADER, ["<tr>" + "".join(f"<td class='label'>{e(x)}</td>" for x in row) + "</tr>" for row in rows]),
-                f"<p>{e(text)}</p>"]
+            cells = ["<tr>" + "".join(f"<td class='label'>{e(x)}</td>" for x in row) + "</tr>" for row in rows]
+            body += [f"<h3>{e(TUNING_TITLE)}</h3>", f"<p><small>{e(TUNING_NOTE)}</small></p>",
+                     _html_table(TUNING_HEADER, cells), f"<p>{e(text)}</p>"]
         head, rows = drift_table(g)
         if rows:
             body += [f"<h3>{e(DRIFT_TITLE)}</h3>", f"<p><small>{e(DRIFT_NOTE)}</small></p>", _html_table(head, [

@@ -1,7 +1,9 @@
 """What tuning on test would have said (issue 14): how optimistic test-set tuning is.
 
-Per strategy, among its tuning runs (which record test metrics for this comparison only): the
-configuration the validation metric picked (the one the final runs name in `clgrid.selected_from`,
+Per strategy, among its configurations that finished on every tuning seed (as the protocol
+requires: ASHA stops some after fewer seeds, and a mean over fewer seeds is not comparable), from
+their tuning runs (which record test metrics for this comparison only): the configuration the
+validation metric picked (the one the final runs name in `clgrid.selected_from`,
 else the best mean `val_acc` over the tuning seeds, the protocol's rule) against the one the best
 mean test accuracy would have picked, each with its mean test accuracy over the tuning seeds; then
 the strategies ranked as a paper tuned on test would report them (the test pick's accuracy) and as
@@ -29,7 +31,7 @@ class Pick:
 @dataclass(frozen=True)
 class StrategyPicks:
     strategy: str
-    n_configs: int  # configurations with a finished tuning run
+    n_configs: int  # configurations with a finished tuning run on every tuning seed
     n_runs: int  # tuning runs, finished or not
     n_finished: int
     by_validation: Pick | None  # None: no final run names its tuning runs and none has val_acc
@@ -87,16 +89,17 @@ def _picks(group: Group, strategy: str, configs: dict[str, list[Trial]]) -> Stra
     labels = label_configs({key: (strategy, [t.params for t in runs]) for key, runs in configs.items()})
     test_acc = {key: summarize(_acc(t) for t in runs)[0] for key, runs in configs.items()}
     val_acc = {key: summarize(t.metrics.get("val_acc", math.nan) for t in runs)[0] for key, runs in configs.items()}
-    order = list(labels)  # table order: ties go to the first
+    seeds = {t.seed for t in group.tuning if t.strategy == strategy}
+    order = [k for k in labels if {t.seed for t in configs[k]} >= seeds] or list(labels)  # ties: the first
     by_test = max(order, key=lambda k: (test_acc[k], -order.index(k)))
     finals = [c for c in group.configs if c.strategy == strategy]
     named = {rid for c in finals for t in c.by_seed.values() for rid in t.tags.get(SELECTED_FROM, "").split(",") if rid}
     selected = [key for key, runs in configs.items() if any(t.run_id in named for t in runs)]
     with_val = [k for k in order if math.isfinite(val_acc[k])]
-    chosen = selected[0] if selected else (max(with_val, key=lambda k: (val_acc[k], -order.index(k))) if with_val else None)
+    chosen = selected[0] if selected else max(with_val, key=lambda k: (val_acc[k], -order.index(k)), default=None)
     all_runs = [t for t in group.tuning if t.strategy == strategy]
     return StrategyPicks(
-        strategy=strategy, n_configs=len(configs), n_runs=len(all_runs),
+        strategy=strategy, n_configs=len(order), n_runs=len(all_runs),
         n_finished=sum(len(runs) for runs in configs.values()),
         by_validation=Pick(labels[chosen].text, test_acc[chosen]) if chosen else None,
         by_test=Pick(labels[by_test].text, test_acc[by_test]),

@@ -33,7 +33,7 @@ def distributions(grid: BaseModel, train: TrainGrid) -> dict[tuple[str, str], Sp
 
 def search_axes(grid: BaseModel, train: TrainGrid) -> dict[tuple[str, str], list | Space]:
     """What tuning searches over, by (section, field): the grid axes, ``train.lr``'s and the distributions."""
-    found: dict[tuple[str, str], list | Space] = {("strategy", k): v for k, v in axes(grid).items()}
+    found: dict[tuple[str, str], list | Space] = {("strategy", k): v for k, v in axes(grid).items() if len(v) > 1}
     if train.lrs is not None and len(train.lrs) > 1:
         found[("train", "lr")] = train.lrs
     return found | distributions(grid, train)

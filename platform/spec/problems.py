@@ -198,7 +198,7 @@ def _one_line(msg: Any, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-_UNION_TAGS = {"grid", *KINDS}  # the members of a search-space union (spaces.searchable): not in the YAML
+_UNION_TAGS = {"grid", "value", "list", *KINDS}  # members of the search-space unions (spaces, schema): not in the YAML
 
 
 class _Lines:

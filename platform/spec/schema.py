@@ -13,7 +13,7 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, model_serializer, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, create_model, model_serializer, model_validator
 from pydantic_core import PydanticUndefined
 
 from clgrid.benchmarks import KEYS, BenchmarkSpec
@@ -76,12 +76,14 @@ class TrainSpec(Strict):
 
 
 _LR = Annotated[float, Field(gt=0)]
+_LRS = Annotated[Union[Annotated[_LR, Tag("value")], Annotated[list[_LR], Field(min_length=1), Tag("list")]],
+                 Discriminator(lambda v: "list" if isinstance(v, list) else "value")]  # one error for a bad value
 
 
 class TrainGrid(TrainSpec):
     """The spec's ``train``: ``lr`` may also be a list (a grid axis) or, under ``tune:``, a distribution."""
 
-    lr: spaces.searchable("lr", float, _LR, Union[_LR, Annotated[list[_LR], Field(min_length=1)]]) = Field(  # type: ignore[valid-type]
+    lr: spaces.searchable("lr", float, _LR, _LRS) = Field(  # type: ignore[valid-type]
         1e-3, description="a value, a list (grid axis) or, under tune:, a distribution")
 
     def at(self, lr: float) -> TrainSpec:

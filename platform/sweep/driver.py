@@ -30,7 +30,7 @@ from clgrid import fsio, tracking
 from clgrid.report.aggregate import label_trials, short
 from clgrid.spec import PipelineSpec, TrialSpec, expand
 from clgrid.spec.grid import expected_work
-from clgrid.sweep import liveness, outbox
+from clgrid.sweep import liveness, outbox, tune_phase
 from clgrid.sweep.layout import SweepDir, SweepMeta, SweepTrial, check_storage, reports_dir
 from clgrid.sweep.lease import SweepLease
 from clgrid.sweep.trial import FAULT_ENV, TrialConfig, trainable
@@ -197,40 +197,51 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
     folder = SweepDir(sweep_dir)
     meta = folder.meta()
     uri, parent = meta.tracking_uri, meta.parent_run_id
-    res = PipelineSpec.model_validate(meta.spec).resources
+    spec = PipelineSpec.model_validate(meta.spec)
+    res = spec.resources
     seconds = tracking.retry_seconds()
-    configs = [TrialConfig(trial=t, sweep_dir=str(folder.path), tracking_uri=uri, retry_seconds=seconds).model_dump()
-               for t in longest_first(meta.trials)]
     connect(address)
     _credentials_stay_out_of_runtime_envs()
     _trainables_take_prestarted_workers()
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}),
-        param_space={"cfg": tune.grid_search(configs)},
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=max_concurrent or res.max_concurrent, reuse_actors=True,
-            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
-        ),
-        run_config=tune.RunConfig(
-            name=f"{meta.sweep_id}-{secrets.token_hex(2)}", storage_path=str(folder.ray),
-            failure_config=tune.FailureConfig(max_failures=res.max_failures), verbose=0,
-            callbacks=[Progress(len(configs))] if progress else [],
-        ),
-    )
+
+    def fit(trainable_: Any, param_space: dict[str, Any], *, name: str, callbacks: list, **settings: Any) -> None:
+        tune.Tuner(
+            tune.with_resources(trainable_, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial}),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or res.max_concurrent, reuse_actors=True,
+                                        **settings),
+            run_config=tune.RunConfig(
+                name=f"{name}-{secrets.token_hex(2)}", storage_path=str(folder.ray),
+                failure_config=tune.FailureConfig(max_failures=res.max_failures), verbose=0, callbacks=callbacks,
+            ),
+        ).fit()
+
     tracking.with_retries(lambda: tracking.client(uri).update_run(parent, "RUNNING"))  # a resumed sweep
     outbox.record_end(folder, parent, None)  # an earlier driver's end that the server missed: this driver ends the run
     # Ray Tune's default CSV, JSON and TensorBoard loggers write files nothing reads, and the last
     # prints a "To visualize your results with TensorBoard" hint; trials keep their own results.
     with liveness.Heartbeat(uri, parent), _environment({"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}):
-        tuner.fit()
+        # with `tune:` the tuning phase first; its final trials then run like a sweep's
+        try:
+            chosen = tune_phase.run(folder, meta, spec, fit, run_names) if spec.tune else [(t, {}) for t in meta.trials]
+        except tune_phase.TuningIncomplete as exc:
+            _end_runs(uri, folder, parent, [TrialOutcome(t, run_id, None) for t, run_id in exc.trials])
+            raise
+        trials = [t for t, _ in chosen]
+        extra = {t.trial_key: m for t, m in chosen}
+        configs = [TrialConfig(trial=t, sweep_dir=str(folder.path), tracking_uri=uri, retry_seconds=seconds,
+                               extra_metrics=extra[t.trial_key]).model_dump() for t in longest_first(trials)]
+        fit(trainable, {"cfg": tune.grid_search(configs)}, name=meta.sweep_id,
+            callbacks=[Progress(len(configs))] if progress else [],
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     outcomes = []
-    for t in meta.trials:
+    for t in trials:
         result_file = folder.trial(t.trial_key).result
         result = fsio.read_json(result_file) if result_file.exists() else None
         error = None if result else "failed: see Ray's error file"
         outcomes.append(TrialOutcome(t.trial_spec(), t.run_id, result, error))
     _end_runs(uri, folder, parent, outcomes)
-    folders = [folder.trial(t.trial_key) for t in meta.trials] + [folder]
+    folders = [folder.trial(t.trial_key) for t in trials] + [folder]
     return SweepOutcome(meta.sweep_id, folder.path, meta.experiment, uri, parent, outcomes, outbox.pending(folders))
 
 

@@ -119,6 +119,7 @@ class TrialDir(_Folder):
     artifacts = _entry("artifacts")
     result = _entry("result.json")
     attempts = _entry("attempts.log")
+    run = _entry("run.json")  # a tuning trial's MLflow run id: the trial creates its run (clgrid.sweep.tune_phase)
     writer = _entry("writer.json")
 
     def checkpoint(self, experience: int) -> Path:

@@ -101,6 +101,10 @@ def timeout_seconds() -> float:
     return value
 
 
+class LeaseHeld(UsageError):
+    """The sweep's lease is held by a live command (exit 2, the message names it)."""
+
+
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
 
@@ -150,7 +154,7 @@ class SweepLease:
             if holder is not None:
                 alive, why = (False, "ended, releasing its lease") if holder["released"] else judge(holder, self.timeout)
                 if alive:
-                    raise UsageError(self._held(holder, why))
+                    raise LeaseHeld(self._held(holder, why))
                 self.previous = holder, why
             now = time.time()
             record = {"command": self.command, **identity(), "since": now, "renewed": now,
@@ -167,8 +171,8 @@ class SweepLease:
                 self.__exit__()
                 raise
             return self
-        raise UsageError(f"{folder}: the lease changed hands 20 times while this command tried to take it; "
-                         "expected one command at a time on a sweep")
+        raise LeaseHeld(f"{folder}: the lease changed hands 20 times while this command tried to take it; "
+                        "expected one command at a time on a sweep")
 
     def __exit__(self, *exc: Any) -> None:
         if self._renewal is not None:

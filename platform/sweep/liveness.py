@@ -113,14 +113,14 @@ def reap(uri: str, experiment: str, older_than: float = DEFAULT_OLDER_THAN,
     for run in tracking.search(uri, exp.experiment_id, "attributes.status = 'RUNNING'"):
         if SWEEP_ID in run.data.tags:
             running.setdefault(run.data.tags[SWEEP_ID], []).append(run)
-    reaped, alive = [], []
+    reaped, alive, timeout = [], [], lease.timeout_seconds()
     for sweep_id, runs in sorted(running.items()):
         folder = SweepDir.at(root, sweep_id) if root is not None else None
         if folder is not None and folder.path.is_dir():
             try:
-                with lease.SweepLease(folder, "clgrid reap") as held:
+                with lease.SweepLease(folder, "clgrid reap", timeout) as held:
                     reaped.append(_kill(uri, sweep_id, runs, _reason(held)))
-            except UsageError:  # held by a live command
+            except lease.LeaseHeld:  # a live command works on it
                 alive.append(sweep_id)
             continue
         parent = (next((r for r in runs if r.data.tags.get(ROLE) == SWEEP), None)

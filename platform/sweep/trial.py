@@ -67,6 +67,7 @@ class _Enough(Exception):
 
 
 def _attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], experiences: int | None) -> dict:
+    from clgrid.benchmarks.scenarios import class_order
     from clgrid.train import checkpoint, trainer
 
     trial, folder = config.trial.trial_spec(), config.folder
@@ -90,7 +91,8 @@ def _attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], expe
             return trainer.run_trial(trial, folder.path, on_experience=on_experience)
         except _Enough as enough:  # the rows so far are in the checkpoint of its last experience
             state = checkpoint.latest(folder.path)
-            return trainer.TrialResult(state["R"], state["b"], enough.report.metrics, enough.report.costs)
+            return trainer.TrialResult(state["R"], state["b"], enough.report.metrics, enough.report.costs,
+                                       R_val=state.get("R_val", []), b_val=state.get("b_val", []))
 
     _mark_attempt(folder)
     try:
@@ -104,10 +106,11 @@ def _attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], expe
     except BaseException:
         log.end("FAILED")
         raise
-    log.matrix(result.R, result.b)
+    log.matrix(result.R, result.b, result.R_val, result.b_val)
     log.probes(result.probes)
     log.continual(result.continual)
-    written = {"metrics": {**result.metrics, **result.costs, **config.extra_metrics}, "R": result.R, "b": result.b} \
+    written = {"metrics": {**result.metrics, **result.costs, **config.extra_metrics}, "R": result.R, "b": result.b,
+               "R_val": result.R_val, "b_val": result.b_val, "class_order": class_order(trial.benchmark, trial.seed)} \
         | ({"continual": result.continual} if result.continual else {})
     fsio.write_json(folder.result, written)
     log.end("FINISHED")
@@ -116,30 +119,38 @@ def _attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], expe
 
 def benchmark_dataset(trial: TrialSpec) -> Dataset:
     """The trial's benchmark as an MLflow dataset: its digest covers the identity of every sample in
-    every experience (the source's labels, which of its samples each experience holds and how a
-    domain-IL experience transforms them), so two trials share a dataset exactly when they see the
-    same stream. Reads the source (cached for the trainer), not the stream: no transformed copies."""
+    every experience (the source's labels, which of its samples each experience holds for training,
+    for validation and for test, and how a domain-IL experience transforms them), so two trials share
+    a dataset exactly when they see the same stream. Reads the source (cached for the trainer), not
+    the stream: no transformed copies."""
+    import torch
     from mlflow.types.schema import Schema, TensorSpec
 
-    from clgrid.benchmarks.scenarios import class_groups
+    from clgrid.benchmarks import KEYS
+    from clgrid.benchmarks.scenarios import class_groups, validation_mask
     from clgrid.benchmarks.sources import load_source
 
     b = trial.benchmark
     train_x, train_y, test_x, test_y = load_source(b.source, b.data_root, b.download)
+    held = validation_mask(b, trial.seed, train_y) if b.validation else torch.zeros(len(train_y), dtype=torch.bool)
     layout: dict[str, Any] = {"scenario": b.scenario, "experiences": []}
-    digest = hashlib.sha256(b.model_dump_json(exclude={"data_root", "download"}).encode())
+    digest = hashlib.sha256(b.model_dump_json(exclude={"data_root", "download"}, context=KEYS).encode())
     if b.splits_classes:
         for group in class_groups(b, trial.seed):
-            picked = [(y.unsqueeze(1) == y.new_tensor(group)).any(1) for y in (train_y, test_y)]
-            layout["experiences"].append({"classes": list(group), "train": int(picked[0].sum()),
-                                          "test": int(picked[1].sum())})
-            for y, mask in zip((train_y, test_y), picked):
+            in_train, in_test = [(y.unsqueeze(1) == y.new_tensor(group)).any(1) for y in (train_y, test_y)]
+            picked = {"train": (train_y, in_train & ~held), "test": (test_y, in_test)} \
+                | ({"val": (train_y, in_train & held)} if b.validation else {})
+            layout["experiences"].append({"classes": list(group)} | {k: int(m.sum()) for k, (_, m) in picked.items()})
+            for y, mask in picked.values():
                 digest.update(y[mask].numpy().tobytes() + mask.nonzero().numpy().tobytes())
     else:
         layout["domain"] = b.domain
-        layout["experiences"] = [{"train": len(train_y), "test": len(test_y)}] * b.experiences
+        layout["experiences"] = [{"train": int((~held).sum()), "test": len(test_y)}
+                                 | ({"val": int(held.sum())} if b.validation else {})] * b.experiences
         for y in (train_y, test_y):
             digest.update(y.numpy().tobytes())
+        if b.validation:
+            digest.update(held.nonzero().numpy().tobytes())
         digest.update(str(b.permutation_seed if b.permutation_seed is not None else trial.seed).encode())
     schema = Schema([TensorSpec(train_x.numpy().dtype, (-1, *train_x.shape[1:]), "image"),
                      TensorSpec(train_y.numpy().dtype, (-1,), "label")])

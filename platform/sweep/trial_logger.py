@@ -75,18 +75,21 @@ class TrialLogger:
                 lambda: tracking.client(self.uri).update_run(self.run_id, "RUNNING"), self.seconds)):
             self._upload(lambda: self.logged.update(tracking.logged_steps(self.uri, self.run_id, self.seconds)))
 
-    def experience(self, experience: int, row: list[float], metrics: dict[str, float], costs: dict[str, float]) -> None:
-        report = {"experience": experience, "row": row, "metrics": metrics, "costs": costs}
+    def experience(self, experience: int, row: list[float], metrics: dict[str, float], costs: dict[str, float],
+                   val_row: list[float] = ()) -> None:
+        # val_row (the validation split's accuracies) only when there is one: history.json stays as it was
+        report = {"experience": experience, "row": row, "metrics": metrics, "costs": costs} \
+            | ({"val_row": list(val_row)} if val_row else {})
         if self.history.get(experience) != report:  # a resumed trial re-reports what the file holds
             self.history[experience] = report
             fsio.write_json(self.folder.history, [self.history[k] for k in sorted(self.history)])
         uploaded = experience in self.logged or self._upload(lambda: tracking.log_experience(
-            self.uri, self.run_id, experience, row, metrics, costs, self.seconds))
+            self.uri, self.run_id, experience, row, metrics, costs, self.seconds, val_row))
         self._step(experience, missing=not uploaded)
 
-    def matrix(self, R: list[list[float]], b: list[float]) -> None:
+    def matrix(self, R: list[list[float]], b: list[float], R_val: list[list[float]] = (), b_val: list[float] = ()) -> None:
         folder = self.folder.artifacts
-        tracking.write_matrix(folder, R, b)  # on disk first: the upload may fail, the file stays
+        tracking.write_matrix(folder, R, b, R_val, b_val)  # on disk first: the upload may fail, the file stays
         uploaded = self._upload(lambda: tracking.upload_matrix(self.uri, self.run_id, folder, self.seconds))
         self._update(matrix=not uploaded)
 

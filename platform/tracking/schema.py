@@ -48,9 +48,6 @@ HEARTBEAT = "clgrid.heartbeat"  # on the parent: unix seconds of the driver's la
 PHASE, TUNE, FINAL = "clgrid.phase", "tune", "final"
 SELECTED_FROM = "clgrid.selected_from"  # comma-separated run ids
 TUNING_TRAIN_FLOPS, TUNING_DEVICE_SECONDS = "tuning_train_flops", "tuning_device_seconds"
-# Tune-then-test sweeps (issue 14): each child run's phase; a final run names the tuning runs behind it.
-PHASE, TUNE, FINAL = "clgrid.phase", "tune", "final"
-SELECTED_FROM = "clgrid.selected_from"  # comma-separated tuning run ids
 CLASS_ORDER = "clgrid.class_order"  # the classes in the order the stream presented them
 
 # Artifacts of a trial run, and the folder of the report's files on the parent run.

@@ -105,6 +105,7 @@ class Trainer:
         self.continual_clock = Stopwatch(self.device)  # eval_seconds
         self.samples_seen = 0
         self.stream_steps = 0  # training batches drawn over the stream: the step of continual evaluation
+        self.learning = 0  # the experience being trained: the trainer knows it also with hidden boundaries
         self.hidden = trial.benchmark.boundaries == "hidden"
         self.earlier_peak = 0  # peak memory of the attempts before a resume
         self.optimizer: torch.optim.Optimizer | None = None
@@ -155,7 +156,7 @@ class Trainer:
         for exp in self.stream.train[start:]:
             told = not self.hidden  # hidden boundaries: nothing of the experience reaches the strategy
             ctx.experience, ctx.seen = (exp, self.stream.train[: exp.index + 1]) if told else (None, [])
-            self.learning = exp.index  # the trainer's own knowledge: continual evaluation's seen experiences
+            self.learning = exp.index
             if self.continual:
                 self.continual.boundary(exp.index, self.stream_steps)
             with self.clock.timing():
