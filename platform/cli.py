@@ -118,6 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: samples/s per model and precision, trials per GPU, GPU memory per trial "
                         "(clgrid.bench.gpu; exit 2 without CUDA)")
+    p.add_argument("--scale", action="store_true",
+                   help="thousands of tiny trials: platform cost per trial, the driver's memory, `clgrid report` "
+                        "over 2,000 runs (clgrid.bench.scale; an hour on 2 cores, --quick: a minute)")
+    p.add_argument("--scale-trials", help="with --scale: sweep sizes, comma-separated multiples of 8 (default 240,2000)")
     return parser
 
 
@@ -283,7 +287,6 @@ def _sweep_dir(args: argparse.Namespace) -> layout.SweepDir:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from clgrid import tracking
     from clgrid.sweep import jobs
     from clgrid.sweep.lease import SweepLease
 
@@ -291,10 +294,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
     meta = sweep.meta()
     if args.address:
         jobs.check_cluster_tracking(meta.tracking_uri, args.sqlite_on_local_disk)
-    tracking.check_reachable(meta.tracking_uri)  # one line now, not MLflow's retries later
-    with SweepLease(sweep, "clgrid resume"):  # one driver per sweep: taken before Ray starts
+    with SweepLease(sweep, "clgrid resume"):  # one driver per sweep; a refusal comes before MLflow and Ray load
+        from clgrid import tracking
         from clgrid.sweep import driver
 
+        tracking.check_reachable(meta.tracking_uri)  # one line now, not MLflow's retries later
         print(f"clgrid: resuming sweep {meta.sweep_id} ({sweep.path}): {len(sweep.finished())}/{len(meta.trials)} "
               f"trials finished; tracking {meta.tracking_uri}", flush=True)
         outcome = driver.run(sweep.path, address=args.address, max_concurrent=args.max_concurrent)
@@ -306,15 +310,18 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from clgrid import tracking
-    from clgrid.sweep import sync
-    from clgrid.tracking.schema import split_credentials
+    from clgrid.sweep.lease import SweepLease
 
     sweep = _sweep_dir(args)
     meta = sweep.meta()
-    uri = split_credentials(args.tracking_uri) if args.tracking_uri else meta.tracking_uri
-    tracking.check_reachable(uri)
-    done = sync.sync_sweep(sweep.path, uri)
+    with SweepLease(sweep, "clgrid sync"):  # nothing else writes the folders meanwhile; refused before MLflow loads
+        from clgrid import tracking
+        from clgrid.sweep import sync
+        from clgrid.tracking.schema import split_credentials
+
+        uri = split_credentials(args.tracking_uri) if args.tracking_uri else meta.tracking_uri
+        tracking.check_reachable(uri)
+        done = sync.sync_sweep(sweep.path, uri)
     if not done.folders:
         print(f"sweep {meta.sweep_id}: nothing to upload; {uri} has everything its folders hold")
     else:
@@ -324,12 +331,18 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_reap(args: argparse.Namespace) -> int:
-    from clgrid.sweep import liveness
+    from clgrid.sweep.lease import SweepLease
 
-    if Path(args.target).is_dir():  # one sweep's folder
-        r = liveness.reap_sweep(layout.SweepDir.of(Path(args.target)))
+    if Path(args.target).is_dir():  # one sweep's folder: its lease first, refused before MLflow loads
+        folder = layout.SweepDir.of(Path(args.target))
+        with SweepLease(folder, "clgrid reap") as held:
+            from clgrid.sweep import liveness
+
+            r = liveness.reap_sweep(folder, held)
         print(f"sweep {r.sweep_id}: {len(r.run_ids)} RUNNING run(s) marked KILLED ({r.reason})")
         return 0
+    from clgrid.sweep import liveness
+
     where = _experiment(args.target, storage=args.storage, tracking_uri=args.tracking_uri)
     reaped, alive = liveness.reap(where.tracking_uri, where.name, older_than=args.older_than * 60, root=where.root)
     for r in reaped:
@@ -371,6 +384,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from clgrid.bench import gpu
 
         return gpu.main(["--quick"] * args.quick + ([f"--out={args.out}"] if args.out else []))
+    if args.scale:
+        from clgrid.bench import scale
+
+        scale.main(["--quick"] * args.quick + [f"--{k.replace('scale_', '')}={v}" for k in ("scale_trials", "out")
+                                                if (v := getattr(args, k)) is not None])
+        return 0
     from clgrid.bench import overhead
 
     options = [f"--{k}={v}" for k in ("reps", "epochs", "out") if (v := getattr(args, k)) is not None]
@@ -388,7 +407,7 @@ def cmd_replay_inspect(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from clgrid.benchmarks import BenchmarkSpec
-    from clgrid.spec.schema import ResourcesSpec, TrainSpec
+    from clgrid.spec.schema import ResourcesSpec, TrainGrid, TuneSpec
     from clgrid.strategies import REGISTRY
     from clgrid.train.continual import EvaluateSpec
     from clgrid.train.models import ModelSpec
@@ -399,7 +418,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("model fields:")
     _print_fields(ModelSpec)
     print("train fields:")
-    _print_fields(TrainSpec)
+    _print_fields(TrainGrid)
+    print("tune fields (absent by default: no tuning phase; docs/tuning.md):")
+    _print_fields(TuneSpec)
     print("resources fields:")
     _print_fields(ResourcesSpec)
     print("probes fields (all off by default; docs/drift.md):")

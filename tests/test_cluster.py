@@ -285,8 +285,10 @@ def test_submitted_sweep_survives_a_raising_trial_and_a_killed_worker(cluster, r
     (faults / f"{keys[0]}.0").write_text("hang")  # the first trial: holds its node's only CPU until killed
     (faults / f"{keys[1]}.0").write_text("raise")
     # From the repo root, as a developer would: the job must still not ship it (platform/ shadows the stdlib).
+    # Credentials in the URI (this MLflow ignores them) must reach neither the job nor its log.
+    with_password = cluster.mlflow.replace("http://", f"http://alice:{PASSWORD}@")
     submit = subprocess.Popen([CLGRID, "submit", str(spec), "--address", cluster.dashboard, "--tracking-uri",
-                               cluster.mlflow, "--storage", str(storage), "--follow"], cwd=REPO, stdout=open(log, "w"),
+                               with_password, "--storage", str(storage), "--follow"], cwd=REPO, stdout=open(log, "w"),
                               stderr=subprocess.STDOUT, env={**os.environ, **cluster.env, "CLGRID_FAULT_ONCE": str(faults)})
     hung = int(wait_for(lambda: _read(faults / f"{keys[0]}.0.pid"), "the hanging trial", timeout=300, logs=(log,)))
     hung_since = (faults / f"{keys[0]}.0.pid").stat().st_mtime
@@ -299,6 +301,9 @@ def test_submitted_sweep_survives_a_raising_trial_and_a_killed_worker(cluster, r
     assert submit.wait(timeout=900) == 0, log.read_text()[-5000:]
 
     job_id = next(line for line in log.read_text().splitlines() if line.startswith("clgrid-tiny-"))
+    job = _api(cluster, f"/api/jobs/{job_id}")  # what the job API shows anyone with the token
+    assert f"--tracking-uri {cluster.mlflow} " in job["entrypoint"]
+    assert PASSWORD not in json.dumps(job) + log.read_text()
     status = cluster.clgrid("status", job_id, "--address", cluster.dashboard)
     assert (status.returncode, status.stdout.split()[1]) == (0, "SUCCEEDED"), status.stderr
     runs = _runs(cluster.mlflow, sweep_dir)
@@ -311,6 +316,17 @@ def test_submitted_sweep_survives_a_raising_trial_and_a_killed_worker(cluster, r
     assert _matrices(sweep_dir) == reference
     extracted = list((cluster.root / "head").glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*/"))
     assert extracted and all(sorted(p.name for p in d.iterdir()) == ["spec.yaml"] for d in extracted)
+
+
+PASSWORD = "S3cret-pw"
+
+
+def _api(cluster: Cluster, path: str):
+    """The dashboard's JSON answer at ``path``, asked with the cluster's token."""
+    request = urllib.request.Request(f"{cluster.dashboard}{path}",
+                                     headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return json.load(reply)
 
 
 def _read(path: Path) -> str | None:
@@ -517,8 +533,5 @@ def test_worker_node_lost_mid_trial_resumes_on_the_head(cluster, reference, tmp_
 
 
 def _head_node(cluster: Cluster) -> str:
-    request = urllib.request.Request(f"{cluster.dashboard}/api/v0/nodes",
-                                     headers={"Authorization": f"Bearer {cluster.env['RAY_AUTH_TOKEN']}"})
-    with urllib.request.urlopen(request, timeout=10) as reply:
-        (head,) = [n["node_id"] for n in json.load(reply)["data"]["result"]["result"] if n["is_head_node"]]
+    (head,) = [n["node_id"] for n in _api(cluster, "/api/v0/nodes")["data"]["result"]["result"] if n["is_head_node"]]
     return head

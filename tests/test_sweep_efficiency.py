@@ -12,6 +12,7 @@ import yaml
 
 from clgrid.spec import PipelineSpec, expand, load_spec
 from clgrid.spec.grid import expected_work
+from clgrid.sweep.layout import SweepDir
 from conftest import run_clgrid, tiny_spec
 
 
@@ -33,13 +34,14 @@ def test_expected_work_grows_with_epochs_and_with_domain_il_experiences() -> Non
 
 def test_trials_start_longest_expected_first(tmp_path: Path) -> None:
     spec = tiny_spec([{"name": "naive"}, {"name": "replay", "buffer_size": 20}, {"name": "ewc"}, {"name": "joint"}],
-                     resources={"cpus_per_trial": 1, "max_concurrent": 1})
+                     resources={"cpus_per_trial": 1, "max_concurrent": 1}, train={"epochs": 1, "batch_size": 64})
+    spec["benchmarks"][0]["experiences"] = 5  # joint's epochs over the union: 1 + 2 + ... + 5 experiences
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     proc = run_clgrid("run", str(tmp_path / "spec.yaml"), "--storage", str(tmp_path / "runs"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sweep = next((tmp_path / "runs" / "sweeps").iterdir())
     keys = {t["trial_key"]: t["trial"]["strategy"]["name"] for t in json.loads((sweep / "sweep.json").read_text())["trials"]}
-    started = sorted(keys, key=lambda k: float((sweep / k / "attempts").read_text().split()[0]))
+    started = sorted(keys, key=lambda k: float(SweepDir(sweep).trial(k).attempts.read_text().split()[0]))
     assert [keys[k] for k in started] == ["joint", "ewc", "replay", "naive"]
 
 

@@ -1,7 +1,7 @@
 """What the platform costs per trial when a sweep has hundreds or thousands of tiny trials.
 
-    python -m clgrid.bench.scale [--trials 240] [--seeds-per-config ...] [--report-runs 2000]
-    clgrid bench --scale [--scale-trials 240,2000]
+    python -m clgrid.bench.scale [--trials 240,2000] [--report-runs 2000] [--quick] [--out FILE]
+    clgrid bench --scale [--scale-trials 240,2000] [--quick] [--out FILE]
 
 1. platform cost per trial: a sweep of 8 configurations x n/8 seeds on digits (class-IL, 5
    experiences, an MLP 64, 1 epoch: 0.05-0.2 s of training a trial) through `clgrid run`'s path in a
@@ -116,11 +116,13 @@ def run(sizes: list[int], report_runs: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m clgrid.bench.scale", description=__doc__.splitlines()[0])
-    p.add_argument("--trials", default="240,2000", help="sweep sizes, comma-separated multiples of 8")
-    p.add_argument("--report-runs", type=int, default=2000, help="runs in the store `clgrid report` reads")
+    p.add_argument("--trials", help="sweep sizes, comma-separated multiples of 8 (default 240,2000; quick 8,16)")
+    p.add_argument("--report-runs", type=int, help="runs in the store `clgrid report` reads (default 2000; quick 16)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, for the test suite (no targets apply)")
     p.add_argument("--out", help="also write the results as JSON here")
     args = p.parse_args(argv)
-    results = run([int(n) for n in args.trials.split(",")], args.report_runs)
+    trials = args.trials or ("8,16" if args.quick else "240,2000")
+    results = run([int(n) for n in trials.split(",")], args.report_runs or (16 if args.quick else 2000))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 

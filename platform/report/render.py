@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from clgrid.report.aggregate import Budget, Cell, Column, Config, Group, Issue
+from clgrid.report.aggregate import VALIDATED, Budget, Cell, Column, Config, Group, Issue
 from clgrid.report.collect import Sweep
 from clgrid.report.plots import Image
 from clgrid.report.setting import class_orders, setting
@@ -221,7 +221,8 @@ def _html_results(group: Group) -> str:
         tds = [f"<td class='label'>{_html.escape(c.label)}</td>", f"<td>{_seeds_text(group, c)}</td>"]
         for col in group.columns:
             cell = group.cells[(c.key, col.key)]
-            tip = f" title='paired t-test vs best, Holm-adjusted: p = {cell.p:.3g}'" if cell.p is not None else ""
+            on = " on the validation values" if group.by_validation and col.key in VALIDATED else ""
+            tip = f" title='paired t-test vs best{on}, Holm-adjusted: p = {cell.p:.3g}'" if cell.p is not None else ""
             css = {"best": "best", "tie": "tie"}.get(cell.mark, "")
             tds.append(f"<td class='{css}'{tip}>{_html.escape(_cell_text(col, cell))}</td>")
         rows.append("<tr>" + "".join(tds) + "</tr>")

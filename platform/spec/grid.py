@@ -147,7 +147,7 @@ def expected_work(trial: TrialSpec) -> float:
     data, no torch): sweeps start the longest trials first, so that none runs alone at the end.
     Counts passes over experience-sized data (epochs x an experience's share of the source, or
     iterations) and what the strategy adds to them, with factors measured on the quickstart: joint
-    training refits on all T experiences seen (1 + 2 + ... + T), a memory's replay batch rides along
+    training's epochs run over all the experiences seen (1 + 2 + ... + T), a memory's replay batch rides along
     from the second experience on (x1.2), a loss term of its own (a penalty, distillation) x1.6.
     Only the order matters."""
     bench, train = trial.benchmark, trial.train
@@ -155,7 +155,8 @@ def expected_work(trial: TrialSpec) -> float:
     T = bench.experiences
     per_experience = (train.epochs or 1) / T if bench.splits_classes and train.iterations is None else \
         float(train.iterations or train.epochs or 1)
-    experiences = T * (T + 1) / 2 if trial.strategy.name == "joint" else T
+    refits = trial.strategy.name == "joint" and train.iterations is None  # epochs over the union
+    experiences = T * (T + 1) / 2 if refits else T
     work = per_experience * experiences
     if isinstance(trial.strategy, MemoryConfig):
         work *= 1 + 0.2 * (T - 1) / T

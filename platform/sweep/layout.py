@@ -92,7 +92,9 @@ class SweepMeta(BaseModel):
     @classmethod
     def _no_credentials(cls, uri: str) -> str:
         """sweep.json never holds a password: a URI's ``user:password@`` moves to the environment."""
-        from clgrid.tracking.schema import split_credentials  # MLflow: only once a sweep is read or written
+        if "@" not in uri:  # no user info: reading sweep.json stays free of MLflow's import (lease refusals are fast)
+            return uri
+        from clgrid.tracking.schema import split_credentials
 
         return split_credentials(uri)
 

@@ -133,17 +133,14 @@ def reap(uri: str, experiment: str, older_than: float = DEFAULT_OLDER_THAN,
     return reaped, alive
 
 
-def reap_sweep(folder: SweepDir) -> Reaped:
-    """Marks the RUNNING runs of the sweep in ``folder`` KILLED; UsageError (exit 2) while a
-    command holds its lease."""
-    with lease.SweepLease(folder, "clgrid reap") as held:
-        meta = folder.meta()
-        tracking.check_reachable(meta.tracking_uri)
-        exp = tracking.with_retries(lambda: tracking.client(meta.tracking_uri).get_experiment_by_name(meta.experiment))
-        runs = [] if exp is None else tracking.search(
-            meta.tracking_uri, exp.experiment_id,
-            f"attributes.status = 'RUNNING' and tags.`{SWEEP_ID}` = '{meta.sweep_id}'")
-        return _kill(meta.tracking_uri, meta.sweep_id, runs, _reason(held))
+def reap_sweep(folder: SweepDir, held: lease.SweepLease) -> Reaped:
+    """Marks the RUNNING runs of the sweep in ``folder``, whose lease the caller ``held`` took, KILLED."""
+    meta = folder.meta()
+    tracking.check_reachable(meta.tracking_uri)
+    exp = tracking.with_retries(lambda: tracking.client(meta.tracking_uri).get_experiment_by_name(meta.experiment))
+    runs = [] if exp is None else tracking.search(
+        meta.tracking_uri, exp.experiment_id, f"attributes.status = 'RUNNING' and tags.`{SWEEP_ID}` = '{meta.sweep_id}'")
+    return _kill(meta.tracking_uri, meta.sweep_id, runs, _reason(held))
 
 
 def _reason(held: lease.SweepLease) -> str:

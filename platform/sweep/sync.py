@@ -7,10 +7,10 @@ lost is not logged twice; then the accuracy matrix files (an upload overwrites, 
 then the run's status, last, so FINISHED means complete. The outbox is updated after each item:
 an interrupted sync continues where it stopped, and a second one finds nothing to do.
 
-Sync holds the sweep's lease (``clgrid.sweep.lease``): no driver, and no trial of a dead one, writes
-the folders while it works, and it refuses (exit 2) while a command holds the sweep. It changes each
-outbox item by item (``Outbox.update``), never writing back what it read, and reads the outbox again
-after each item: an item a writer adds meanwhile is uploaded too, or stays listed.
+``clgrid sync`` holds the sweep's lease (``clgrid.sweep.lease``): no driver, and no trial of a dead
+one, writes the folders while it works, and it refuses (exit 2) while a command holds the sweep. It
+changes each outbox item by item (``Outbox.update``), never writing back what it read, and reads the
+outbox again after each item: an item a writer adds meanwhile is uploaded too, or stays listed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from clgrid import tracking
 from clgrid.tracking import runs
 from clgrid.errors import UsageError
 from clgrid.sweep.layout import SweepDir, SweepMeta, TrialDir
-from clgrid.sweep.lease import SweepLease
 from clgrid.sweep.outbox import Outbox, describe
 from clgrid.sweep.trial_logger import read_history
 
@@ -39,23 +38,22 @@ class Synced:
 
 def sync_sweep(sweep_dir: Path, uri: str) -> Synced:
     folder = SweepDir(sweep_dir)
-    with SweepLease(folder, "clgrid sync"):
-        meta = folder.meta()
-        _check_sweep(uri, meta)
-        folders = [(folder.trial(t.trial_key), t.run_id) for t in meta.trials] + [(folder, meta.parent_run_id)]
-        done = Synced()
-        for where, run_id in folders:  # the sweep's own status last
-            if Outbox.open(where, run_id).empty:
-                continue
-            done.folders += 1
-            try:
-                _upload(uri, where, run_id, done)
-            except UsageError:
-                raise
-            except Exception as exc:  # MLflow's, or the artifact upload's HTTP errors
-                raise UsageError(f"tracking server {uri} failed during sync ({describe(exc)}); what was uploaded "
-                                 f"is kept, run clgrid sync again for the rest") from None
-        return done
+    meta = folder.meta()
+    _check_sweep(uri, meta)
+    folders = [(folder.trial(t.trial_key), t.run_id) for t in meta.trials] + [(folder, meta.parent_run_id)]
+    done = Synced()
+    for where, run_id in folders:  # the sweep's own status last
+        if Outbox.open(where, run_id).empty:
+            continue
+        done.folders += 1
+        try:
+            _upload(uri, where, run_id, done)
+        except UsageError:
+            raise
+        except Exception as exc:  # MLflow's, or the artifact upload's HTTP errors
+            raise UsageError(f"tracking server {uri} failed during sync ({describe(exc)}); what was uploaded is "
+                             f"kept, run clgrid sync again for the rest") from None
+    return done
 
 
 def _check_sweep(uri: str, meta: SweepMeta) -> None:

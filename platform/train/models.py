@@ -87,11 +87,11 @@ class MultiHead(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, features: Tensor, t: Tensor) -> Tensor:
-        out = features.new_full((features.shape[0], self.num_classes), MASKED)
+        out = features.new_full((features.shape[0], self.num_classes), MASKED, dtype=torch.float32)
         for task, (head, classes) in enumerate(zip(self.heads, self.task_classes)):
             cols = torch.tensor(classes, device=features.device)
             mine = (t == task).unsqueeze(1)
-            out = out.index_copy(1, cols, torch.where(mine, head(features), out.index_select(1, cols)))
+            out = out.index_copy(1, cols, torch.where(mine, head(features).float(), out.index_select(1, cols)))
         return out
 
 
@@ -108,7 +108,8 @@ class CLModel(nn.Module):
         return self.backbone(x)
 
     def scores(self, features: Tensor, t: Tensor | None = None) -> Tensor:
-        return self.head(features, t) if isinstance(self.head, MultiHead) else self.head(features)
+        """Class scores in fp32 also under autocast: strategies mask, compare and store them as in fp32."""
+        return (self.head(features, t) if isinstance(self.head, MultiHead) else self.head(features)).float()
 
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         return self.scores(self.backbone(x), t)

@@ -287,10 +287,11 @@ class Trainer:
         return torch.full((len(exp.y),), 0 if self.hidden else exp.index, dtype=torch.long)
 
     def masked(self, scores: Tensor, t: Tensor) -> Tensor:
-        """Task-IL: scores outside each sample's task classes are masked out; else unchanged."""
+        """Task-IL: scores outside each sample's task classes are masked out; else unchanged. In
+        fp32 (autocast's fp16 cannot hold MASKED; losses and stored logits want fp32 anyway)."""
         if self.task_mask is None:
-            return scores
-        return scores.masked_fill(~self.task_mask[t], MASKED)
+            return scores.float()
+        return scores.float().masked_fill(~self.task_mask[t], MASKED)
 
     # ---- what strategies call through ctx -------------------------------------------------
 
