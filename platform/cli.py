@@ -430,7 +430,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("strategies:")
     for name, cls in sorted(REGISTRY.items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"  {name} [{', '.join(cls.scenarios)}]: {doc}")
+        hidden = "" if cls.needs_boundaries else "; runs with boundaries: hidden"
+        print(f"  {name} [{', '.join(cls.scenarios)}{hidden}]: {doc}")
         _print_fields(cls.Config, indent=4, skip=("name",))
     return 0
 

@@ -144,6 +144,12 @@ class Strategy:
     needs_hidden_layers: ClassVar[str] = ""
     needs_boundaries: ClassVar[str] = "learns at them (its before_experience/after_experience hooks)"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # a subclass that adds a boundary hook does not inherit "runs without boundaries": it says so itself
+        super().__init_subclass__(**kwargs)
+        if "needs_boundaries" not in vars(cls) and {"before_experience", "after_experience"} & vars(cls).keys():
+            cls.needs_boundaries = Strategy.needs_boundaries
+
     def __init__(self, config: StrategyConfig):
         self.config = config
 

@@ -12,7 +12,8 @@ import subprocess
 import pytest
 import yaml
 
-from conftest import MLFLOW_SERVER_ENV, answers, free_port, mlflow_server, run_clgrid, tiny_spec, wait_for
+from conftest import (MLFLOW_SERVER_ENV, answers, free_port, mlflow_server, run_clgrid, tiny_spec, wait_for,
+                      write_sweep_json)
 
 PASSWORD = "S3cret-pw"
 ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -37,6 +38,15 @@ def test_split_credentials_moves_them_to_the_environment(clean_env):
     with pytest.raises(UsageError) as refused:
         split_credentials(f"postgresql://mlflow:{PASSWORD}@db:5432/mlflow")
     assert PASSWORD not in str(refused.value) and "postgresql://mlflow:***@db:5432/mlflow" in str(refused.value)
+
+
+def test_sweep_json_never_holds_uri_credentials(tmp_path, clean_env):
+    from clgrid.sweep.layout import SweepDir
+
+    write_sweep_json(tmp_path, f"http://alice:{PASSWORD}@mlflow:5000")  # written by any caller
+    assert PASSWORD not in (tmp_path / "sweep.json").read_text()
+    assert SweepDir(tmp_path).meta().tracking_uri == "http://mlflow:5000"
+    assert os.environ[ENV[1]] == PASSWORD
 
 
 def test_refusals_never_echo_the_password(tmp_path, clean_env, capsys):

@@ -71,6 +71,23 @@ def test_renewal_advances_while_held(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert fsio.read_json(held.path) == last and last["released"]  # no renewal after release
 
 
+def test_a_holder_whose_lease_was_taken_over_is_warned(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A holder elsewhere that stalled past the timeout (a paused VM, storage away) and was taken
+    over learns it at its next renewal."""
+    monkeypatch.setattr(lease, "RENEW_SECONDS", 0.05)
+    sweep = SweepDir(tmp_path)
+    with lease.SweepLease(sweep, "clgrid run"):
+        _plant(sweep, 2, command="clgrid resume", host="another-host", boot="b", pid=77)
+        deadline, err = time.time() + 10, ""
+        while "took over" not in err and time.time() < deadline:
+            time.sleep(0.05)
+            err += capsys.readouterr().err
+        time.sleep(0.3)  # several renewals more
+        err += capsys.readouterr().err
+    assert "warning: `clgrid resume` (pid 77 on another-host) took over this command's lease" in err
+    assert err.count("took over") == 1  # said once
+
+
 def test_a_dead_holder_on_this_machine_is_taken_over_at_once(tmp_path: Path) -> None:
     sweep = SweepDir(tmp_path)
     sweep.lease.mkdir()

@@ -13,7 +13,7 @@ from torch import nn
 
 from clgrid import spec as specs
 from clgrid.benchmarks import BenchmarkSpec, load_stream
-from clgrid.strategies import REGISTRY, Batch
+from clgrid.strategies import REGISTRY, Batch, Strategy
 from clgrid.strategies.er_ace import MASKED
 from clgrid.strategies.mir import interference
 from clgrid.strategies.replay import Replay
@@ -32,6 +32,8 @@ def digits(**bench) -> list[dict]:
 class Recorder(Replay):
     """Replay that records what reaches it: hooks fired, task ids and inputs of incoming batches,
     and the experience the context shows during training."""
+
+    needs_boundaries = ""  # its boundary hooks only record that they fired
 
     def __init__(self, config):
         super().__init__(config)
@@ -134,6 +136,17 @@ def test_boundary_free_strategies_run_hidden_and_resume_exactly(name: str, tmp_p
     (tmp_path / "resumed" / "checkpoints" / "exp-001.pt").unlink()
     resumed = run_trial(trial, tmp_path / "resumed")
     assert resumed.R == full.R and resumed.continual == full.continual
+
+
+def test_a_boundary_hook_is_declared_where_it_is_added() -> None:
+    """Every boundary-free strategy's boundary hooks come from a class that declared itself
+    boundary-free; ssl_pretrain, replay with a pretraining before_experience, is not."""
+    assert REGISTRY["ssl_pretrain"].needs_boundaries
+    for name, cls in REGISTRY.items():
+        if not cls.needs_boundaries:
+            for klass in cls.__mro__[: cls.__mro__.index(Strategy)]:
+                if {"before_experience", "after_experience"} & vars(klass).keys():
+                    assert vars(klass).get("needs_boundaries") == "", (name, klass)
 
 
 def test_a_memory_fills_per_batch_with_hidden_boundaries(tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ boundaries marked). Hand-made runs and continual.json traces in a real MLflow SQ
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
@@ -12,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from clgrid.report import build_report
 from clgrid.report.aggregate import aggregate
 from clgrid.report.collect import collect
-from clgrid.report.plots import mean_traces
+from clgrid.report.plots import continual_figure, mean_traces, png_bytes
 from clgrid.report.stats import summarize
 from report_store import SCENARIO, log_run, make_matrix, trial_tags
 from test_report_tuning import mean_of, table
@@ -63,7 +65,7 @@ def online(tmp_path_factory):
                     {"strategy.name": strategy, "seed": str(seed), **PARAMS}, metrics, artifacts, tmp,
                     histories={"cont_acc": [(s, float(np.mean(a))) for s, a in zip(STEPS, trace(drop, seed)["acc"])]})
     # a run whose trace is malformed: its summary metrics count, its curve is left out
-    broken = {"a_auc": 0.5, "min_acc": 0.2, "wc_acc": 0.3, "stability_gap": 0.5, "eval_seconds": 1.0}
+    broken = {"a_auc": 0.5, "min_acc": 0.2, "wc_acc": 0.3, "stability_gap": 0.5, "eval_seconds": 1.0, "cont_acc": 0.5}
     log_run(client, exp_id, trial_tags(parent, "der", "cfg-der", 1, "blurry-digits"),
             {"strategy.name": "der", "seed": "1", **PARAMS}, broken,
             {"continual.json": {"steps": [50, 100], "acc": [[0.5]]}}, tmp)
@@ -124,3 +126,12 @@ def test_the_curves_are_the_mean_and_ci_over_seeds_at_the_steps_all_seeds_evalua
     assert np.isnan(per_exp[0, 1]) and np.isnan(per_exp[2, 2])  # not started yet
     assert per_exp[1, 0] == pytest.approx(0.9 - 0.2 - 0.015)  # the dip right after boundary 100
     assert replay.boundaries == BOUNDARIES
+
+
+def test_many_curves_get_their_legend_beside_the_plot() -> None:
+    steps = np.arange(0, 300, 50)
+    curves = [(f"strategy {i}", steps, np.full(len(steps), 0.1 * i), np.full(len(steps), 0.02)) for i in range(8)]
+    fig = continual_figure(curves, BOUNDARIES)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()][:8] == [label for label, *_ in curves]
+    assert mpimg.imread(io.BytesIO(png_bytes(fig)), format="png").std() > 0.01

@@ -23,7 +23,7 @@ TUNE_SEEDS, FINAL_SEEDS = (100, 101), (1, 2, 3)
 # strategy -> tuning configurations: (config key, varying params, retention (sets test ACC), val_acc)
 TUNING = {
     "ewc": [("t-ewc1", {"strategy.ewc_lambda": "1"}, 0.3, 0.6),
-            ("t-ewc10", {"strategy.ewc_lambda": "10"}, 0.5, 0.8),    # validation's pick
+            ("t-ewc10", {"strategy.ewc_lambda": "10.0000371"}, 0.5, 0.8),  # validation's pick (shown as 10)
             ("t-ewc100", {"strategy.ewc_lambda": "100"}, 0.8, 0.7)],  # test's pick
     "lwf": [("t-lwf-old", {"strategy.distill": "old"}, 0.6, 0.65),
             ("t-lwf-padded", {"strategy.distill": "padded"}, 0.65, 0.7)],  # both picks
@@ -32,7 +32,7 @@ TUNING = {
 # strategy -> (final config key, the tuning config it came from, retention, val_acc, train_flops per run)
 FINAL = {"ewc": ("f-ewc", "t-ewc10", 0.5, 0.9, 1e9), "lwf": ("f-lwf", "t-lwf-padded", 0.65, 0.7, 1.2e9),
          "naive": ("f-naive", "t-naive", 0.25, 0.4, 0.8e9)}
-ORDERS = {1: "[0, 1, 2, 3, 4, 5]", 2: "[3, 1, 5, 0, 2, 4]", 3: "[0, 1, 2, 3, 4, 5]"}
+ORDERS = {1: "[0, 1, 2, 3, 4, 5]", 2: "[[3, 1], [5, 0], [2, 4]]", 3: "[0, 1, 2, 3, 4, 5]"}  # flat, or per experience
 
 
 def acc_of(key: str, seed: int, retention: float) -> float:
@@ -165,7 +165,7 @@ def test_what_tuning_on_test_would_have_said(report_md):
 
 
 def test_the_class_orders_that_ran_are_listed(report_md):
-    assert ("Class orders: 2 distinct over 3 seed(s): [0 1 2 3 4 5] (seeds 1, 3); [3 1 5 0 2 4] (seed 2)."
+    assert ("Class orders: 2 distinct over 3 seed(s): [0 1 2 3 4 5] (seeds 1, 3); [3 1 / 5 0 / 2 4] (seed 2)."
             in report_md)
     assert "too few to separate rows" not in report_md  # 3 seeds
 

@@ -196,7 +196,7 @@ def test_random_search_tunes_on_validation_then_runs_the_best_on_the_final_seeds
 
 @pytest.mark.slow
 def test_optuna_with_asha_on_the_first_experiences(tmp_path) -> None:
-    spec = tuned_spec([{"name": "si", "c": {"loguniform": [0.01, 100.0]}}], stream=3, search="optuna",
+    spec = tuned_spec([{"name": "si", "c": {"loguniform": [0.01, 100.0]}}], stream=5, search="optuna",
                       scheduler="asha", num_samples=3, seeds=[100], protocol="first-experiences", experiences=2)
     storage = tmp_path / "runs"
     done = run_clgrid("run", str(write(tmp_path, spec)), "--storage", str(storage), "--no-report")
@@ -208,7 +208,7 @@ def test_optuna_with_asha_on_the_first_experiences(tmp_path) -> None:
         if (trial / "run.json").exists() and (trial / "result.json").exists():  # tuning: the first 2 experiences
             assert len(json.loads((trial / "result.json").read_text())["R"]) == 2
     final = json.loads(sweep.tune.read_text())["final"][0]
-    assert len(json.loads(sweep.trial(final["trial"]["trial_key"]).result.read_text())["R"]) == 3
+    assert len(json.loads(sweep.trial(final["trial"]["trial_key"]).result.read_text())["R"]) == 5
 
 
 @pytest.mark.slow

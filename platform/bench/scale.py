@@ -93,10 +93,10 @@ def report(results: dict[str, Any]) -> None:
     sweeps = results["sweeps"]
     for s in sweeps:
         print(f"scale: {s['trials']} trials, {s['train_seconds']:.1f} train s in {s['wall']:.1f} s wall "
-              f"({s['fixed']:.1f} s of it start-up and shut-down): platform cost {s['cost_per_trial']:.3f} "
-              f"core-s per trial (target <= {COST_TARGET}: {verdict(s['cost_per_trial'] <= COST_TARGET)}); "
-              f"driver peak RSS {s['driver_peak_rss_mb']:.0f} MB; CPU {s['cpu_seconds']:.1f} s in all, "
-              f"{s['driver_cpu']:.1f} s of it the driver's; load average {s['load']}", flush=True)
+              f"({s['fixed']:.1f} s of it start-up and shut-down), CPU {s['cpu_seconds']:.1f} s in all "
+              f"({s['driver_cpu']:.1f} s the driver's), driver peak RSS {s['driver_peak_rss_mb']:.0f} MB, load "
+              f"average {s['load']}: platform cost {s['cost_per_trial']:.3f} core-s per trial "
+              f"(target <= {COST_TARGET}: {verdict(s['cost_per_trial'] <= COST_TARGET)})", flush=True)
     if len(sweeps) > 1:
         growth = sweeps[-1]["driver_peak_rss_mb"] / sweeps[0]["driver_peak_rss_mb"]
         print(f"scale: driver memory {sweeps[0]['trials']} -> {sweeps[-1]['trials']} trials x{growth:.2f} "

@@ -24,8 +24,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from clgrid.tracking.schema import (
-    BENCHMARK, CONFIG_KEY, CONTINUAL_JSON, MATRIX_JSON, PARENT, PHASE, PROBE_FILES, ROLE, SCENARIO, SEED, STRATEGY,
-    SWEEP, SWEEP_ID, TRIAL, client, search, with_retries,
+    BENCHMARK, CONFIG_KEY, CONT_ACC, CONTINUAL_JSON, MATRIX_JSON, PARENT, PHASE, PROBE_FILES, ROLE, SCENARIO, SEED,
+    STRATEGY, SWEEP, SWEEP_ID, TRIAL, client, search, with_retries,
 )
 from clgrid.train import metrics
 
@@ -108,7 +108,7 @@ def collect(uri: str, experiment: str, sweep_id: str | None) -> Sweep:
     finished = [r for r in runs if r.info.status == FINISHED]
     matrices = _read_matrices(c, finished)
     probes = _read_json(c, [r for r in finished if "probe_seconds" in r.data.metrics], PROBE_FILES)
-    traces = _read_json(c, [r for r in finished if "a_auc" in r.data.metrics], (CONTINUAL_JSON,))
+    traces = _read_json(c, [r for r in finished if CONT_ACC in r.data.metrics], (CONTINUAL_JSON,))
     sweep = Sweep(experiment, parent.data.tags.get(SWEEP_ID, "?") if parent else None,
                   parent.info.run_id if parent else None,
                   [_trial(r, matrices.get(r.info.run_id), probes.get(r.info.run_id, {}),

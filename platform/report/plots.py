@@ -134,7 +134,10 @@ def continual_figure(curves: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndar
     ax.set_xlabel("training step")
     ax.set_ylabel("accuracy on the experiences seen")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="outside right upper" if len(curves) > 6 else "best")
+    if len(curves) > 6:  # beside the plot: inside it would hide the curves
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+    else:
+        ax.legend(fontsize=7)
     return fig
 
 

@@ -40,10 +40,16 @@ def class_orders(group: Group) -> list[tuple[str, list[str]]]:
 
 
 def _order_text(tag: str) -> str:
-    """The order as "3 1 4 ...", whether the tag holds a JSON list or comma-separated classes."""
+    """The order as "3 1 4 ...", or per experience "3 1 / 4 0 / ..." when the tag's JSON groups the
+    classes by experience; a tag that is not a JSON list is shown as it is."""
     try:
         value = json.loads(tag)
     except ValueError:
-        value = None
-    items = value if isinstance(value, list) else tag.strip("[]").replace(",", " ").split()
-    return " ".join(str(c) for c in items)
+        return tag
+    if not isinstance(value, list):
+        return tag
+
+    def classes(e) -> str:
+        return " ".join(map(str, e)) if isinstance(e, list) else str(e)
+
+    return (" / " if any(isinstance(e, list) for e in value) else " ").join(map(classes, value))

@@ -130,6 +130,10 @@ def prepare_and_connect(spec: PipelineSpec, address: str | None, held: contextli
 
 
 FORWARDED_ENV = (FAULT_ENV,)  # the driver's settings that trials read
+# What a trial imports before it trains (the trainable's module, the trainer and torch, and the
+# compiler stack torch.optim's first step loads), imported by the workers a local Ray instance
+# prestarts while Ray and the driver still start up, instead of after the first trial began.
+WORKER_PRELOAD = ("clgrid.sweep.trial", "clgrid.train.trainer", "torch._dynamo")
 
 
 def trial_env() -> dict[str, str]:
@@ -173,7 +177,8 @@ def connect(address: str | None) -> None:
         # Without a runtime_env trials run in the workers Ray prestarts at init; with one, Ray starts
         # and sets up new workers first (seconds before the first trial on a small machine).
         with _environment(trial_env()):
-            ray.init(address="local", include_dashboard=False, configure_logging=True, **quiet)
+            ray.init(address="local", include_dashboard=False, configure_logging=True,
+                     _system_config={"preload_python_modules": list(WORKER_PRELOAD)}, **quiet)
 
 
 @contextlib.contextmanager

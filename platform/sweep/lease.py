@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from clgrid import fsio
 from clgrid.errors import UsageError
@@ -110,20 +110,28 @@ def _when(t: float) -> str:
 
 
 class _Renewal:
-    """A daemon thread rewriting ``path`` with a fresh ``renewed`` every RENEW_SECONDS."""
+    """A daemon thread rewriting ``path`` with a fresh ``renewed`` every RENEW_SECONDS; ``lost()``,
+    when given, says once whether someone else has taken over (then a warning is printed)."""
 
-    def __init__(self, path: Path, record: dict[str, Any]):
-        self.path, self.record = path, record
+    def __init__(self, path: Path, record: dict[str, Any], lost: Callable[[], str | None] = lambda: None):
+        self.path, self.record, self.lost = path, record, lost
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._renew, name=f"clgrid-lease-{path.name}", daemon=True)
         self._thread.start()
 
     def _renew(self) -> None:
+        warned = False
         while not self._stop.wait(RENEW_SECONDS):
             try:
                 self.write(renewed=time.time())
+                taker = None if warned else self.lost()
             except OSError as exc:  # storage briefly away: the next renewal tries again
                 print(f"clgrid: warning: cannot renew {self.path} ({exc})", file=sys.stderr, flush=True)
+                continue
+            if taker:
+                warned = True
+                print(f"clgrid: warning: {taker} took over this command's lease ({self.path} went unrenewed too "
+                      f"long); both now write the sweep: stop one of them", file=sys.stderr, flush=True)
 
     def write(self, **changes: Any) -> None:
         self.record.update(changes)
@@ -164,7 +172,7 @@ class SweepLease:
                 fsio.create_json(path, record)
             except FileExistsError:
                 continue
-            self.path, self._renewal = path, _Renewal(path, record)
+            self.path, self._renewal = path, _Renewal(path, record, lambda: self._taken_by(folder, previous + 1))
             try:
                 wait_for_trials(self.sweep, self.timeout)
             except BaseException:
@@ -187,6 +195,12 @@ class SweepLease:
         if not gens:
             return 0, None
         return gens[-1], fsio.read_json(folder / f"{gens[-1]:06d}.json")
+
+    @classmethod
+    def _taken_by(cls, folder: Path, mine: int) -> str | None:
+        """Who holds a generation after ``mine``, if anyone does."""
+        generation, holder = cls._current(folder)
+        return f"`{holder['command']}` (pid {holder['pid']} on {holder['host']})" if generation > mine else None
 
     def _held(self, holder: dict[str, Any], why: str) -> str:
         return (f"sweep {self.sweep.path.name} is held by `{holder['command']}` (pid {holder['pid']} on "

@@ -276,10 +276,10 @@ def _optuna(spec: PipelineSpec, context: TuneContext, points: list[dict[str, Any
     from ray.tune.search.optuna import OptunaSearch
 
     axes = search_axes(spec.strategies[context.entry], spec.train)
-    space = {f"hp/{s}.{f}": (v.domain() if isinstance(v, Space) else tune.choice(v)) for (s, f), v in axes.items()}
-    flat = [{f"hp/{k}": v for k, v in hp.items()} for hp in todo]
-    search = OptunaSearch(space=space, metric=VAL_PREFIX + spec.tune.metric, mode="max", seed=spec.tune.seeds[0],
-                          points_to_evaluate=flat or None)
+    space = {"hp": {f"{s}.{f}": (v.domain() if isinstance(v, Space) else tune.choice(v)) for (s, f), v in axes.items()}}
+    flat = [{f"hp/{k}": v for k, v in hp.items()} for hp in todo]  # Optuna's names of the parameters: flattened
+    search = OptunaSearch(space=OptunaSearch.convert_search_space(space), metric=VAL_PREFIX + spec.tune.metric,
+                          mode="max", seed=spec.tune.seeds[0], points_to_evaluate=flat or None)
     for p in points:
         score = _score(SweepDir(Path(context.sweep_dir)), spec, context.entry, context.benchmark, p["hp"])
         if p["state"] == ENDED and score is not None:
