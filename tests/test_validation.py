@@ -269,8 +269,3 @@ def test_a_sweep_logs_validation_and_the_class_order(sweep: Path):
         profile = json.loads(client.get_run(run_id).inputs.dataset_inputs[0].dataset.profile)
         assert all(e["val"] > 0 and e["classes"] in result["class_order"] for e in profile["experiences"])
     assert len(orders) == 2  # the seeds ran different class orders
-    # what each experience reported to Ray Tune (its trial's result.json, a JSON line per report)
-    reported = [json.loads(line) for p in (sweep / "runs" / "sweeps").glob("*/ray/**/result.json")
-                for line in p.read_text().splitlines() if line.strip()]
-    assert len([r for r in reported if "experience" in r]) == 4
-    assert all("val_acc" in r and "val_forgetting" in r for r in reported if "experience" in r)
