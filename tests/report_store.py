@@ -1,9 +1,10 @@
 """Hand-made trial runs in a real MLflow SQLite store, laid out as a sweep logs them: the report tests'
-data (conftest's `store` fixture builds the shared one with ``make_store``)."""
+data (conftest's `store` fixture builds the shared one with ``make_store``), and readers of report.md."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,19 @@ def make_store(tmp: Path) -> dict:
     bad = client.create_run(bad_id, tags={"clgrid.role": "sweep", "clgrid.sweep_id": "s-bad"})
     log_trial(client, bad_id, bad.info.run_id, "naive", "naive", "cfg-naive", {}, 1, "FAILED", tmp)
     return {"uri": uri, "client": client, "parent": new.info.run_id, "runs": runs, "tmp": tmp}
+
+
+def table(md: str, after: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The first Markdown table after the line ``after``: header, rows by first cell."""
+    lines = md.split(after, 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| "))
+    rows = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip().strip("|").split(" | ")])
+    return rows[0], {r[0]: r for r in rows[2:]}  # rows[1]: the |---| line
+
+
+def mean_of(cell: str) -> float:
+    return float(re.match(r"-?\d+(?:\.\d+)?", cell).group())

@@ -66,3 +66,20 @@ def test_ewc_and_mas_train_a_resnet18(strategy: dict, tmp_path: Path) -> None:
     result = run_trial(tiny_trial(strategy, model={"name": "resnet18"}, train={"iterations": 2, "batch_size": 16}),
                        tmp_path)
     assert len(result.R) == 2 and result.costs["train_flops"] > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["ewc", "mas", "icarl"])
+def test_importance_teachers_and_herding_run_on_a_batchnorm_model_under_autocast(
+        name: str, precision: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path's usual case: a BatchNorm network in mixed precision trains through EWC's and
+    MAS's importance and iCaRL's teacher and herding, its running statistics finite."""
+    monkeypatch.setattr(trainer_module, "build_model", batchnorm_model)
+    trial = tiny_trial({"name": name}, train={"iterations": 4, "batch_size": 32, "lr": 0.01, "precision": precision})
+    trainer = Trainer(trial, tmp_path, instrument=False)
+    before = batchnorm_buffers(trainer.ctx.model)
+    result = trainer.run()
+    assert all(0.0 <= a <= 1.0 for row in result.R for a in row)
+    after = batchnorm_buffers(trainer.ctx.model)
+    assert not all(torch.equal(before[n], after[n]) for n in before)  # training moved them
+    assert all(torch.isfinite(b.float()).all() for b in after.values())

@@ -4,7 +4,6 @@ for real: commands overlapping a running `clgrid run`, and two `clgrid resume` o
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -245,9 +244,11 @@ SPEC = tiny_spec([{"name": "replay", "buffer_size": 50}, {"name": "naive"}],
 
 
 def _keys() -> list[str]:
+    """The trial keys in the order Ray Tune starts them (the driver's longest_first)."""
     from clgrid.spec import PipelineSpec, expand
+    from clgrid.spec.grid import expected_work
 
-    return [t.trial_key for t in expand(PipelineSpec.model_validate(SPEC))]
+    return [t.trial_key for t in sorted(expand(PipelineSpec.model_validate(SPEC)), key=lambda t: -expected_work(t))]
 
 
 def _start_hanging_sweep(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path, int]:

@@ -16,8 +16,7 @@ from clgrid.report.aggregate import aggregate
 from clgrid.report.collect import collect
 from clgrid.report.plots import continual_figure, mean_traces, png_bytes
 from clgrid.report.stats import summarize
-from report_store import SCENARIO, log_run, make_matrix, trial_tags
-from test_report_tuning import mean_of, table
+from report_store import SCENARIO, log_run, make_matrix, mean_of, table, trial_tags
 
 ONLINE = "online"
 BOUNDARIES = [0, 100, 200]

@@ -5,7 +5,6 @@ SQLite store, tagged and logged as the tuned pipeline logs them."""
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from clgrid.report import build_report
 from clgrid.report.aggregate import aggregate
 from clgrid.report.collect import Trial
 from clgrid.report.stats import holm
-from report_store import BENCH, EXPERIMENT, SCENARIO, log_run, make_matrix, trial_tags
+from report_store import BENCH, EXPERIMENT, SCENARIO, log_run, make_matrix, mean_of, table, trial_tags
 
 TUNED = "tuned"
 TUNE_SEEDS, FINAL_SEEDS = (100, 101), (1, 2, 3)
@@ -84,22 +83,6 @@ def tuned(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report_md(tuned) -> str:
     return build_report(TUNED, tuned["uri"], tuned["tmp"] / "out").markdown.read_text()
-
-
-def table(md: str, after: str) -> tuple[list[str], dict[str, list[str]]]:
-    """The first Markdown table after the line ``after``: header, rows by first cell."""
-    lines = md.split(after, 1)[1].splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("| "))
-    rows = []
-    for ln in lines[start:]:
-        if not ln.startswith("|"):
-            break
-        rows.append([c.strip() for c in ln.strip().strip("|").split(" | ")])
-    return rows[0], {r[0]: r for r in rows[2:]}  # rows[1]: the |---| line
-
-
-def mean_of(cell: str) -> float:
-    return float(re.match(r"-?\d+(?:\.\d+)?", cell).group())
 
 
 def final_acc(strategy: str) -> float:

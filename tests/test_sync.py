@@ -82,7 +82,10 @@ def test_a_server_lost_mid_sweep_loses_no_result_and_sync_uploads_each_point_onc
     from clgrid.cli import main
     from clgrid.spec import PipelineSpec, TrialSpec, expand
 
-    keys = [t.trial_key for t in expand(PipelineSpec.model_validate(SPEC))]
+    from clgrid.spec.grid import expected_work
+
+    # in the order Ray Tune starts them (the driver's longest_first): the first one hangs
+    keys = [t.trial_key for t in sorted(expand(PipelineSpec.model_validate(SPEC)), key=lambda t: -expected_work(t))]
     spec, storage, faults, log = tmp_path / "spec.yaml", tmp_path / "runs", tmp_path / "faults", tmp_path / "run.log"
     spec.write_text(yaml.safe_dump(SPEC, sort_keys=False))
     faults.mkdir()
@@ -93,7 +96,8 @@ def test_a_server_lost_mid_sweep_loses_no_result_and_sync_uploads_each_point_onc
         env={**os.environ, "CLGRID_FAULT_ONCE": str(faults), "CLGRID_TRACKING_RETRY_SECONDS": "1"})
     try:
         pid = faults / f"{keys[0]}.0.pid"
-        hung = int(wait_for(lambda: pid.exists() and pid.read_text(), "the first trial to log experience 0", logs=(log,)))
+        hung = int(wait_for(lambda: pid.exists() and pid.read_text(), "the first trial to log experience 0", timeout=300,
+                              logs=(log,)))
         server.stop()  # fault 1: the tracking server, mid-sweep
         os.kill(hung, signal.SIGKILL)  # fault 2: the worker, mid-trial; Ray retries it with the server away
         assert run.wait(timeout=300) == 0, log.read_text()[-5000:]

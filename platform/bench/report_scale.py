@@ -6,7 +6,7 @@ Writes a sweep-shaped MLflow store (SQLite, local artifacts) in a temporary fold
 writers `clgrid run` uses (clgrid.tracking.start_sweep, log_metrics, log_matrix, end_run): a parent
 run and configs x seeds trial runs with their tags, params, final metrics and accuracy matrices
 (made-up numbers). Then runs `clgrid report` on it in a fresh process `--reps` times and prints
-each run's wall seconds and peak RSS. Needs no torch: the trials are stand-ins for TrialSpecs.
+each run's wall seconds and peak RSS. The trials are stand-ins for TrialSpecs (no strategy registry).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from clgrid import tracking
+from clgrid.benchmarks import BenchmarkSpec
 from clgrid.sweep import layout
 
 EXPERIMENT = "report-scale"
@@ -44,7 +45,7 @@ class _Section(BaseModel):
 class _Trial:
     """What clgrid.tracking reads from a TrialSpec, without the strategy registry (and torch)."""
 
-    benchmark: _Section
+    benchmark: BenchmarkSpec
     strategy: _Section
     model: _Section
     train: _Section
@@ -66,7 +67,7 @@ class _Trial:
 
 
 def grid(configs: int, seeds: int) -> list[_Trial]:
-    benchmark = _Section(id="split-digits", source="digits", scenario="class-il", experiences=EXPERIENCES)
+    benchmark = BenchmarkSpec(source="digits", scenario="class-il", experiences=EXPERIENCES)  # tags read its class order
     model, train = _Section(name="mlp", hidden=100), _Section(lr=0.01, epochs=1, batch_size=32)
     trials = []
     for i in range(configs):

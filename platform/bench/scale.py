@@ -89,14 +89,17 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "missed"
 
 
+def print_sweep(s: dict[str, Any]) -> None:
+    print(f"scale: {s['trials']} trials, {s['train_seconds']:.1f} train s in {s['wall']:.1f} s wall "
+          f"({s['fixed']:.1f} s of it start-up and shut-down), CPU {s['cpu_seconds']:.1f} s in all "
+          f"({s['driver_cpu']:.1f} s the driver's), driver peak RSS {s['driver_peak_rss_mb']:.0f} MB, load "
+          f"average {s['load']}: platform cost {s['cost_per_trial']:.3f} core-s per trial "
+          f"(target <= {COST_TARGET}: {verdict(s['cost_per_trial'] <= COST_TARGET)})", flush=True)
+
+
 def report(results: dict[str, Any]) -> None:
+    """The figures that compare sizes, and the report's (each sweep's line is printed as it ends)."""
     sweeps = results["sweeps"]
-    for s in sweeps:
-        print(f"scale: {s['trials']} trials, {s['train_seconds']:.1f} train s in {s['wall']:.1f} s wall "
-              f"({s['fixed']:.1f} s of it start-up and shut-down), CPU {s['cpu_seconds']:.1f} s in all "
-              f"({s['driver_cpu']:.1f} s the driver's), driver peak RSS {s['driver_peak_rss_mb']:.0f} MB, load "
-              f"average {s['load']}: platform cost {s['cost_per_trial']:.3f} core-s per trial "
-              f"(target <= {COST_TARGET}: {verdict(s['cost_per_trial'] <= COST_TARGET)})", flush=True)
     if len(sweeps) > 1:
         growth = sweeps[-1]["driver_peak_rss_mb"] / sweeps[0]["driver_peak_rss_mb"]
         print(f"scale: driver memory {sweeps[0]['trials']} -> {sweeps[-1]['trials']} trials x{growth:.2f} "
@@ -107,9 +110,12 @@ def report(results: dict[str, Any]) -> None:
 
 
 def run(sizes: list[int], report_runs: int) -> dict[str, Any]:
+    results: dict[str, Any] = {"sweeps": []}
     with tempfile.TemporaryDirectory(prefix="clgrid-scale-") as tmp:
-        sweeps = [bench_sweep_scale(n, Path(tmp) / f"sweep-{n}") for n in sizes]
-    results = {"sweeps": sweeps, "report": bench_report(report_runs)}
+        for n in sizes:
+            results["sweeps"].append(bench_sweep_scale(n, Path(tmp) / f"sweep-{n}"))
+            print_sweep(results["sweeps"][-1])  # at once: the sizes after it may take an hour
+    results["report"] = bench_report(report_runs)
     report(results)
     return results
 

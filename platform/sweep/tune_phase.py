@@ -102,29 +102,26 @@ def trainable(point_: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One configuration on every tuning seed, reporting validation metrics only."""
     context = TuneContext.model_validate(ctx)
     spec = PipelineSpec.model_validate(context.spec)
-    metric = VAL_PREFIX + spec.tune.metric
     trials = tuning_trials(spec, context.entry, context.benchmark, point_["hp"])
     n = tuned_experiences(spec, context.benchmark)
-    scores: list[float] = []
+    results: list[dict[str, Any]] = []
     for k, trial in enumerate(trials):
         last = k == len(trials) - 1
 
         def report(measured: dict[str, Any], k: int = k, last: bool = last) -> None:
-            if EXPERIENCE not in measured:  # finished in an earlier run: its result is read below
-                return
-            seen = {key: v for key, v in measured.items() if key.startswith(VAL_PREFIX)}
-            done = measured[EXPERIENCE] + 1
-            if last and done == n:  # the final report: the mean over the tuning seeds
-                seen[metric] = statistics.fmean([*scores, seen[metric]])
-            tune.report({EXPERIENCE: k * n + done, **seen})
+            done = measured.get(EXPERIENCE, -1) + 1  # a trial finished in an earlier run reports no experience
+            if done and not (last and done == n):  # the last one is reported once its result.json is written
+                tune.report({EXPERIENCE: k * n + done, **{key: v for key, v in measured.items()
+                                                          if key.startswith(VAL_PREFIX)}})
 
         config = TrialConfig(trial=_tuning_run(context, trial), sweep_dir=context.sweep_dir,
                              tracking_uri=context.tracking_uri, retry_seconds=context.retry_seconds)
-        reported_before = config.folder.result.exists()
-        result = attempt(config, report, n if n < trial.benchmark.experiences else None)
-        scores.append(result["metrics"][metric])
-        if last and reported_before:
-            tune.report({EXPERIENCE: len(trials) * n, metric: statistics.fmean(scores)})
+        results.append(attempt(config, report, n if n < trial.benchmark.experiences else None))
+    # The last report, after every result.json is written (a scheduler may stop the trial at it):
+    # the validation metrics' means over the tuning seeds.
+    names = [key for key in results[0]["metrics"] if key.startswith(VAL_PREFIX)]
+    tune.report({EXPERIENCE: len(trials) * n, **{key: statistics.fmean(r["metrics"][key] for r in results)
+                                                 for key in names}})
 
 
 def _tuning_run(context: TuneContext, trial: TrialSpec) -> SweepTrial:
