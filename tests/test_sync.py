@@ -119,9 +119,10 @@ def test_a_server_lost_mid_sweep_loses_no_result_and_sync_uploads_each_point_onc
     server.start()  # same port, same database
     meta = json.loads((sweep_dir / "sweep.json").read_text())
     run_ids = [t["run_id"] for t in meta["trials"]]
+    hung_run = next(t["run_id"] for t in meta["trials"] if t["trial_key"] == keys[0])
     c = MlflowClient(server.uri)
-    assert c.get_run(run_ids[0]).info.status == "RUNNING"  # the server never heard the end
-    assert [m.step for m in c.get_metric_history(run_ids[0], "acc")] == [0]
+    assert c.get_run(hung_run).info.status == "RUNNING"  # the server never heard the end
+    assert [m.step for m in c.get_metric_history(hung_run, "acc")] == [0]
 
     # `clgrid sync` in this process, which has imported everything already (the CLI's start-up is
     # seconds on a busy 2-core machine; `clgrid run` above went through the console script)

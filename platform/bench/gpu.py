@@ -114,7 +114,7 @@ def bench_models(quick: bool, root: Path) -> list[dict[str, Any]]:
         for precision, share in variants:
             row = run_one(trial_spec(model, quick=quick, precision=precision, share=share), root / f"{model}-{precision}-{share}")
             rows.append({"model": model, "precision": precision, "device_data_share": share} | row)
-            print(f"  {model:9s} {precision}  data {'resident' if row['resident'] else 'host batches':12s}  "
+            print(f"  {model:9s} {precision}  data share {share:g}: {'resident' if row['resident'] else 'host batches':12s}  "
                   f"{row['samples_per_s']:10.0f} samples/s   peak {row['peak_memory_bytes'] / 2**20:8.1f} MiB", flush=True)
     return rows
 
