@@ -189,3 +189,17 @@ def test_the_marks_are_holm_corrected_over_the_column():
         assert group.cells[(key, "acc")].mark == "tie"
     assert group.cells[("a", "acc")].mark == "best"
     assert math.isclose(group.cells[("a", "acc")].mean, np.mean(best))
+
+
+def test_labels_show_sampled_numbers_at_four_significant_digits_and_grid_values_as_given():
+    from clgrid.report.aggregate import label_configs
+
+    def runs(lam: str) -> list[dict[str, str]]:
+        return [{"strategy.ewc_lambda": lam, "seed": "0"}]
+
+    labels = label_configs({"a": ("ewc", runs("833.6105173474732")), "b": ("ewc", runs("10000.0")),
+                            "c": ("ewc", runs("833.6105999"))})
+    assert labels["b"].text == "ewc (ewc_lambda=10000.0)"
+    # two samples equal at 4 digits keep distinct labels (their keys' prefixes)
+    assert {labels["a"].text, labels["c"].text} == {"ewc (ewc_lambda=833.6) [a]", "ewc (ewc_lambda=833.6) [c]"}
+    assert list(labels) == ["a", "c", "b"]  # ordered by the full value

@@ -103,23 +103,28 @@ def concurrent_trials(trial, copies: int, fraction: float) -> list[dict[str, Any
 def throughput(copies: list[dict[str, Any]]) -> float:
     """Summed samples/s of copies that ran at once: all their samples over the window from the
     first start to the last end."""
-    return sum(c["samples"] for c in copies) / max(max(c["end"] for c in copies) - min(c["start"] for c in copies), 1e-9)
+    window = max(c["end"] for c in copies) - min(c["start"] for c in copies)
+    return sum(c["samples"] for c in copies) / max(window, 1e-9)
 
 
 def bench_models(quick: bool, root: Path) -> list[dict[str, Any]]:
+    """Section 1: one trial at a time per model, precision and data placement."""
     rows = []
     for model in MODELS:
         run_one(trial_spec(model, quick=quick), root / f"warm-{model}")
         variants = [(p, 0.5) for p in PRECISIONS] + [("fp32", 0.0)]
         for precision, share in variants:
-            row = run_one(trial_spec(model, quick=quick, precision=precision, share=share), root / f"{model}-{precision}-{share}")
+            trial = trial_spec(model, quick=quick, precision=precision, share=share)
+            row = run_one(trial, root / f"{model}-{precision}-{share}")
             rows.append({"model": model, "precision": precision, "device_data_share": share} | row)
-            print(f"  {model:9s} {precision}  data share {share:g}: {'resident' if row['resident'] else 'host batches':12s}  "
-                  f"{row['samples_per_s']:10.0f} samples/s   peak {row['peak_memory_bytes'] / 2**20:8.1f} MiB", flush=True)
+            data = "resident" if row["resident"] else "host batches"
+            print(f"  {model:9s} {precision}  data share {share:g}: {data:12s} {row['samples_per_s']:10.0f} samples/s"
+                  f"   peak {row['peak_memory_bytes'] / 2**20:8.1f} MiB", flush=True)
     return rows
 
 
 def bench_sharing(quick: bool) -> list[dict[str, Any]]:
+    """Sections 2 and 3: copies at once on one GPU, their summed throughput and memory."""
     import ray
 
     rows = []

@@ -99,8 +99,8 @@ def write_store(root: Path, configs: int, seeds: int) -> str:
     return uri
 
 
-def time_report(experiment: str, uri: str, out: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one `clgrid report` in a fresh process."""
+def time_report(experiment: str, uri: str, out: Path) -> tuple[float, float, float]:
+    """Wall seconds, peak RSS (MB) and CPU seconds of one `clgrid report` in a fresh process."""
     clgrid = Path(sys.executable).with_name("clgrid")  # the console script, as a user runs it
     cmd = [str(clgrid), "report", experiment, "--tracking-uri", uri, "--out", str(out)]
     with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: nobody reads while it runs
@@ -112,7 +112,7 @@ def time_report(experiment: str, uri: str, out: Path) -> tuple[float, float]:
         if proc.returncode:
             err.seek(0)
             raise SystemExit(f"clgrid report failed ({proc.returncode}): {err.read()[-3000:]}")
-    return seconds, usage.ru_maxrss / 1024  # Linux: KB
+    return seconds, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime  # Linux: KB
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"store: {args.trials} trial runs ({args.configs} configurations x {args.trials // args.configs} seeds) "
               f"in {time.perf_counter() - start:.1f} s at {uri}", flush=True)
         for rep in range(args.reps):
-            seconds, rss = time_report(EXPERIMENT, uri, Path(tmp) / "report")
-            print(f"clgrid report, run {rep + 1}/{args.reps}: {seconds:.2f} s wall, {rss:.0f} MB peak RSS", flush=True)
+            seconds, rss, cpu = time_report(EXPERIMENT, uri, Path(tmp) / "report")
+            print(f"clgrid report, run {rep + 1}/{args.reps}: {seconds:.2f} s wall, {cpu:.2f} s CPU, {rss:.0f} MB "
+                  f"peak RSS", flush=True)
 
 
 if __name__ == "__main__":

@@ -81,8 +81,8 @@ def bench_report(runs: int) -> dict[str, Any]:
         start = time.perf_counter()
         uri = report_scale.write_store(Path(tmp), 8, runs // 8)
         written = time.perf_counter() - start
-        seconds, rss = report_scale.time_report(report_scale.EXPERIMENT, uri, Path(tmp) / "report")
-    return {"runs": runs, "seconds": seconds, "peak_rss_mb": rss, "store_seconds": written}
+        seconds, rss, cpu = report_scale.time_report(report_scale.EXPERIMENT, uri, Path(tmp) / "report")
+    return {"runs": runs, "seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": rss, "store_seconds": written}
 
 
 def verdict(ok: bool) -> str:
@@ -105,7 +105,8 @@ def report(results: dict[str, Any]) -> None:
         print(f"scale: driver memory {sweeps[0]['trials']} -> {sweeps[-1]['trials']} trials x{growth:.2f} "
               f"(target <= x{MEMORY_TARGET}: {verdict(growth <= MEMORY_TARGET)})", flush=True)
     r = results["report"]
-    print(f"scale: clgrid report over {r['runs']} runs {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
+    print(f"scale: clgrid report over {r['runs']} runs {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} s CPU), peak RSS "
+          f"{r['peak_rss_mb']:.0f} MB "
           f"(target < {REPORT_TARGET:.0f} s: {verdict(r['seconds'] < REPORT_TARGET)})", flush=True)
 
 

@@ -135,7 +135,7 @@ def label_configs(configs: Mapping[str, tuple[str, Sequence[Mapping[str, str]]]]
         varying = [k for k in names if len({constant[key].get(k) for key in keys}) > 1]
         for key in keys:
             values = {k: constant[key].get(k, "—") for k in varying}
-            args = ", ".join(f"{short(k)}={v}" for k, v in values.items())
+            args = ", ".join(f"{short(k)}={readable(v)}" for k, v in values.items())
             labels[key] = Label(f"{strategy} ({args})" if args else strategy, values)
     counts = Counter(label.text for label in labels.values())
     labels = {key: Label(f"{label.text} [{key[:8]}]", label.varying) if counts[label.text] > 1 else label
@@ -155,6 +155,17 @@ def _constant_params(runs: Sequence[Mapping[str, str]]) -> dict[str, str]:
 def short(key: str) -> str:
     """A parameter's name in labels and figures: strategy hyperparameters without their section."""
     return key.removeprefix("strategy.")
+
+
+def readable(v: str) -> str:
+    """A value as labels show it: a number with more than 6 digits (a random search samples
+    833.6105173474732) at 4 significant digits; anything else as it is."""
+    if sum(c.isdigit() for c in v) <= 6:
+        return v
+    try:
+        return f"{float(v):.4g}"
+    except ValueError:
+        return v
 
 
 def value_order(v: str) -> tuple:

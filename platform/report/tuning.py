@@ -16,7 +16,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from clgrid.report.aggregate import Group, Label, label_configs, short, trial_values
+from clgrid.report.aggregate import Group, label_configs, trial_values
 from clgrid.report.collect import FINISHED, Trial
 from clgrid.report.stats import summarize
 from clgrid.tracking.schema import SELECTED_FROM
@@ -101,19 +101,8 @@ def _picks(group: Group, strategy: str, configs: dict[str, list[Trial]]) -> Stra
     return StrategyPicks(
         strategy=strategy, n_configs=len(order), n_runs=len(all_runs),
         n_finished=sum(len(runs) for runs in configs.values()),
-        by_validation=Pick(_text(strategy, labels[chosen]), test_acc[chosen]) if chosen else None,
-        by_test=Pick(_text(strategy, labels[by_test]), test_acc[by_test]),
+        by_validation=Pick(labels[chosen].text, test_acc[chosen]) if chosen else None,
+        by_test=Pick(labels[by_test].text, test_acc[by_test]),
         final_acc=finals[0].summary("acc") if finals else (math.nan, math.nan),
     )
 
-
-def _text(strategy: str, label: Label) -> str:
-    """The label with numbers at 4 significant digits: a random search samples 833.6105173474732."""
-    def number(v: str) -> str:
-        try:
-            return f"{float(v):.4g}"
-        except ValueError:
-            return v
-
-    args = ", ".join(f"{short(k)}={number(v)}" for k, v in label.varying.items())
-    return f"{strategy} ({args})" if args else strategy
