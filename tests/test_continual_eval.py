@@ -132,3 +132,7 @@ def test_the_trace_lands_in_the_run_as_metrics_by_step_and_as_continual_json(tmp
     assert history["cont_acc"] == {2: 0.5, 4: 0.8, 6: pytest.approx(0.35), 8: pytest.approx(0.75)}
     assert history["cont_acc_exp_1"] == {6: 0.4, 8: 0.9}
     assert history["cont_boundary"] == {0: 0.0, 4: 1.0}
+    from clgrid.train.metrics import continual_summary
+
+    logged = client.get_run(run_id).data.metrics  # the summary the report's columns read
+    assert {k: logged[k] for k in ("min_acc", "wc_acc", "a_auc", "stability_gap")} == pytest.approx(continual_summary(TRACE))

@@ -233,9 +233,12 @@ def upload_files(uri: str, run_id: str, folder: Path, names: Iterable[str], seco
 
 
 def continual_metrics(trace: Mapping[str, Any]) -> list[Metric]:
-    """A continual-evaluation trace (clgrid.train.continual) as metrics with step = the stream step."""
+    """A continual-evaluation trace (clgrid.train.continual) as metrics with step = the stream step,
+    and its summary (min_acc, wc_acc, a_auc, stability_gap) at the last step."""
+    from clgrid.train.metrics import continual_summary  # numpy only
+
     now = int(time.time() * 1000)
-    metrics = []
+    metrics = [Metric(k, float(v), now, trace["steps"][-1]) for k, v in continual_summary(trace).items()]
     for step, row in zip(trace["steps"], trace["acc"]):
         metrics.append(Metric(CONT_ACC, sum(row) / len(row), now, step))
         metrics += [Metric(CONT_ACC_EXP.format(j), float(a), now, step) for j, a in enumerate(row)]
