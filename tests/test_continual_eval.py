@@ -132,7 +132,35 @@ def test_the_trace_lands_in_the_run_as_metrics_by_step_and_as_continual_json(tmp
     assert history["cont_acc"] == {2: 0.5, 4: 0.8, 6: pytest.approx(0.35), 8: pytest.approx(0.75)}
     assert history["cont_acc_exp_1"] == {6: 0.4, 8: 0.9}
     assert history["cont_boundary"] == {0: 0.0, 4: 1.0}
-    from clgrid.train.metrics import continual_summary
-
     logged = client.get_run(run_id).data.metrics  # the summary the report's columns read
     assert {k: logged[k] for k in ("min_acc", "wc_acc", "a_auc", "stability_gap")} == pytest.approx(continual_summary(TRACE))
+
+
+def test_sync_uploads_the_trace_a_lost_server_missed_once(tmp_path: Path) -> None:
+    """The trial's server is away when the trace is logged: `clgrid sync` uploads continual.json
+    and its metrics (the summary included), and a second sync adds no point twice."""
+    from clgrid import tracking
+    from clgrid.spec import PipelineSpec
+    from clgrid.sweep import driver, sync
+    from clgrid.sweep.layout import SweepDir
+    from clgrid.sweep.trial_logger import TrialLogger
+    from clgrid.tracking import schema
+    from conftest import free_port, tiny_spec
+
+    spec = PipelineSpec.model_validate(tiny_spec([{"name": "naive"}], storage={"root": str(tmp_path / "runs")}))
+    sweep = SweepDir(driver.prepare(spec))
+    meta = sweep.meta()
+    (trial,) = meta.trials
+    log = TrialLogger(f"http://127.0.0.1:{free_port()}", trial.run_id, sweep.trial(trial.trial_key), seconds=0)
+    log.start()
+    log.continual(TRACE)
+    log.end("FINISHED")
+    for _ in range(2):
+        sync.sync_sweep(sweep.path, meta.tracking_uri)
+    client = tracking.client(meta.tracking_uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(trial.run_id, "cont_acc_exp_0")] == [
+        (2, 0.5), (4, 0.8), (6, 0.3), (8, 0.6)]
+    logged = client.get_run(trial.run_id).data.metrics
+    assert logged["min_acc"] == pytest.approx(continual_summary(TRACE)["min_acc"])
+    assert schema.CONTINUAL_JSON in {a.path for a in client.list_artifacts(trial.run_id)}
+    assert client.get_run(trial.run_id).info.status == "FINISHED"

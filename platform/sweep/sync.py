@@ -83,6 +83,8 @@ def _upload(uri: str, folder: SweepDir | TrialDir, run_id: str, done: Synced) ->
         elif box.matrix:  # the artifacts folder's files: the matrix and, with probes, theirs
             names = runs.artifact_files(folder.artifacts)
             runs.upload_files(uri, run_id, folder.artifacts, names)
+            if tracking.schema.CONTINUAL_JSON in names:  # its metrics too, those the run misses
+                runs.log_continual(uri, run_id, folder.artifacts)
             done.artifacts += len(names)
             Outbox.update(folder, run_id, lambda b, seen=box.matrix: setattr(b, "matrix", b.matrix if b.matrix != seen else 0))
         else:

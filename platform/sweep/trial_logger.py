@@ -111,7 +111,7 @@ class TrialLogger:
             return
         folder = self.folder.artifacts
         fsio.write_json(folder / tracking.schema.CONTINUAL_JSON, trace)
-        if not self._upload(lambda: runs.log_continual(self.uri, self.run_id, folder, trace, self.seconds)):
+        if not self._upload(lambda: runs.log_continual(self.uri, self.run_id, folder, self.seconds)):
             self._update(matrix=True)
 
     def end(self, status: str) -> None:

@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from clgrid import fsio
 from clgrid.tracking import matrix_png
-from clgrid.train.metrics import VAL_PREFIX
+from clgrid.train.metrics import VAL_PREFIX, continual_summary
 from clgrid.tracking.schema import (
     BENCHMARK, CONFIG_KEY, FINAL, PHASE, CONT_ACC, CONT_ACC_EXP, CONT_BOUNDARY, CONTINUAL_JSON, DATASET_CONTEXT, EXPERIMENT_KIND, MATRIX_FILES, MATRIX_JSON, MATRIX_PNG, NOTE, PARENT,
     CLASS_ORDER, PROBE_FILES, ROLE, VAL_MATRIX_FILES, VAL_MATRIX_JSON, VAL_MATRIX_PNG, RUN_NAME, SCENARIO, SEED, SPEC_HASH, STRATEGY, SWEEP, SWEEP_ID, TRAIN_CONTEXT, TRAINING, TRIAL, TRIAL_KEY,
@@ -235,8 +235,6 @@ def upload_files(uri: str, run_id: str, folder: Path, names: Iterable[str], seco
 def continual_metrics(trace: Mapping[str, Any]) -> list[Metric]:
     """A continual-evaluation trace (clgrid.train.continual) as metrics with step = the stream step,
     and its summary (min_acc, wc_acc, a_auc, stability_gap) at the last step."""
-    from clgrid.train.metrics import continual_summary  # numpy only
-
     now = int(time.time() * 1000)
     metrics = [Metric(k, float(v), now, trace["steps"][-1]) for k, v in continual_summary(trace).items()]
     for step, row in zip(trace["steps"], trace["acc"]):
@@ -245,9 +243,12 @@ def continual_metrics(trace: Mapping[str, Any]) -> list[Metric]:
     return metrics + [Metric(CONT_BOUNDARY, float(i), now, step) for i, step in enumerate(trace["boundaries"])]
 
 
-def log_continual(uri: str, run_id: str, folder: Path, trace: Mapping[str, Any], seconds: float | None = None) -> None:
-    """The trace's metrics, and ``continual.json`` (written by the caller in ``folder``) as an artifact."""
-    metrics = continual_metrics(trace)
+def log_continual(uri: str, run_id: str, folder: Path, seconds: float | None = None) -> None:
+    """The metrics of ``folder``'s ``continual.json`` the run does not have yet (an earlier attempt
+    or a sync may have logged some), then the file as an artifact."""
+    metrics = continual_metrics(fsio.read_json(folder / CONTINUAL_JSON))
+    have = metric_steps(uri, run_id, {m.key for m in metrics}, seconds)
+    metrics = [m for m in metrics if m.step not in have[m.key]]
     for i in range(0, len(metrics), MAX_BATCH):
         with_retries(lambda: client(uri).log_batch(run_id, metrics=metrics[i:i + MAX_BATCH]), seconds)
     upload_files(uri, run_id, folder, [CONTINUAL_JSON], seconds)
