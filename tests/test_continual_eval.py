@@ -153,6 +153,7 @@ def test_sync_uploads_the_trace_a_lost_server_missed_once(tmp_path: Path) -> Non
     (trial,) = meta.trials
     log = TrialLogger(f"http://127.0.0.1:{free_port()}", trial.run_id, sweep.trial(trial.trial_key), seconds=0)
     log.start()
+    log.matrix([[0.5, 0.1], [0.3, 0.9]], [0.1, 0.1])  # a trial logs its matrix before the trace
     log.continual(TRACE)
     log.end("FINISHED")
     for _ in range(2):
