@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -302,7 +303,7 @@ def test_submitted_sweep_survives_a_raising_trial_and_a_killed_worker(cluster, r
 
     job_id = next(line for line in log.read_text().splitlines() if line.startswith("clgrid-tiny-"))
     job = _api(cluster, f"/api/jobs/{job_id}")  # what the job API shows anyone with the token
-    assert f"--tracking-uri {cluster.mlflow} " in job["entrypoint"]
+    assert cluster.mlflow in shlex.split(job["entrypoint"])
     assert PASSWORD not in json.dumps(job) + log.read_text()
     status = cluster.clgrid("status", job_id, "--address", cluster.dashboard)
     assert (status.returncode, status.stdout.split()[1]) == (0, "SUCCEEDED"), status.stderr

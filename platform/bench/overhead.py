@@ -73,10 +73,10 @@ class TimedTrainer(Trainer):
 
     eval_seconds = 0.0
 
-    def evaluate(self) -> list[float]:
+    def evaluate(self, *args: Any, **kwargs: Any) -> list[float]:
         start = time.perf_counter()
         try:
-            return super().evaluate()
+            return super().evaluate(*args, **kwargs)
         finally:
             self.eval_seconds += time.perf_counter() - start
 
