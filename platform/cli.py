@@ -299,7 +299,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         from clgrid.sweep import driver
 
         tracking.check_reachable(meta.tracking_uri)  # one line now, not MLflow's retries later
-        print(f"clgrid: resuming sweep {meta.sweep_id} ({sweep.path}): {len(sweep.finished())}/{len(meta.trials)} "
+        print(f"clgrid: resuming sweep {meta.sweep_id} ({sweep.path}): {len(sweep.finished())}/{len(sweep.trial_runs())} "
               f"trials finished; tracking {meta.tracking_uri}", flush=True)
         outcome = driver.run(sweep.path, address=args.address, max_concurrent=args.max_concurrent)
     from clgrid.report.console import print_summary

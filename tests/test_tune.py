@@ -230,6 +230,9 @@ def test_an_interrupted_tuning_phase_resumes_without_rerunning_finished_trials(t
     assert json.loads(sweep.tune.read_text())["final"] is None
     again = run_clgrid("resume", str(path), "--storage", str(storage))
     assert again.returncode == 0, again.stderr[-3000:]
+    # the tuning trials count as the sweep's trials (sweep.json lists none before the final phase),
+    # for resume's count and for sync, which reads the same SweepDir.trial_runs
+    assert "1/2 trials finished" in again.stdout, again.stdout[-3000:]
     attempts = {k: sweep.trial(k).attempts.read_text().count("pid=") for k in keys}
     assert attempts == {keys[0]: 1, keys[1]: 2}  # the finished trial was not rerun; the failed one resumed
     _check_tuned_sweep(storage, n_points=2, n_tuning_seeds=1)

@@ -188,9 +188,21 @@ class SweepDir(_Folder):
             raise UsageError(f"{self.meta_file}: already exists; expected a new sweep folder (one sweep "
                              "per folder)") from None
 
+    def trial_runs(self) -> dict[str, str]:
+        """Trial key -> MLflow run id of every trial of the sweep: sweep.json's and, in a sweep with
+        ``tune:``, the tuning trials' (each folder's run.json, written by its first attempt) and the
+        final ones (tune.json, once chosen)."""
+        runs = {t.trial_key: t.run_id for t in self.meta().trials}
+        for path in sorted(self.path.glob("*/run.json")):
+            runs.setdefault(path.parent.name, fsio.read_json(path)["run_id"])
+        if self.tune.exists():
+            for final in fsio.read_json(self.tune).get("final") or []:
+                runs.setdefault(final["trial"]["trial_key"], final["trial"]["run_id"])
+        return runs
+
     def finished(self) -> list[str]:
         """The trial keys of the sweep that have their result.json."""
-        return [t.trial_key for t in self.meta().trials if self.trial(t.trial_key).result.exists()]
+        return [key for key in self.trial_runs() if self.trial(key).result.exists()]
 
 
 def _sweeps(root: Path) -> Path:

@@ -40,7 +40,7 @@ def sync_sweep(sweep_dir: Path, uri: str) -> Synced:
     folder = SweepDir(sweep_dir)
     meta = folder.meta()
     _check_sweep(uri, meta)
-    folders = [(folder.trial(t.trial_key), t.run_id) for t in meta.trials] + [(folder, meta.parent_run_id)]
+    folders = [(folder.trial(key), run_id) for key, run_id in folder.trial_runs().items()] + [(folder, meta.parent_run_id)]
     done = Synced()
     for where, run_id in folders:  # the sweep's own status last
         if Outbox.open(where, run_id).empty:
