@@ -203,3 +203,30 @@ def test_labels_show_sampled_numbers_at_four_significant_digits_and_grid_values_
     # two samples equal at 4 digits keep distinct labels (their keys' prefixes)
     assert {labels["a"].text, labels["c"].text} == {"ewc (ewc_lambda=833.6) [a]", "ewc (ewc_lambda=833.6) [c]"}
     assert list(labels) == ["a", "c", "b"]  # ordered by the full value
+
+
+def test_a_strategy_tuned_in_two_entries_gets_a_row_per_entry():
+    """LwF's two distillations are two entries of one strategy: each entry's picks, seeds and final
+    runs stay its own (clgrid.tune_entry), named by what differs between the entries."""
+    from clgrid.report.tuning import compare
+
+    def run(rid: str, phase: str, entry: str, key: str, distill: str, lr: str, seed: int, acc: float, val: float,
+            selected: str = "") -> Trial:
+        tags = {"clgrid.phase": phase, "clgrid.tune_entry": entry} | ({"clgrid.selected_from": selected} if selected else {})
+        return Trial(run_id=rid, status="FINISHED", end_time=0, benchmark=BENCH, scenario=SCENARIO, strategy="lwf",
+                     seed=str(seed), config_key=key, params={"strategy.name": "lwf", "strategy.distill": distill,
+                                                             "train.lr": lr, "seed": str(seed)},
+                     metrics={"acc": acc, "val_acc": val}, matrix=None, matrix_problem=None, tags=tags)
+
+    trials = [run("o1", "tune", "5", "o-a", "old", "0.01", 100, 0.30, 0.50),
+              run("o2", "tune", "5", "o-b", "old", "0.001", 100, 0.40, 0.45),  # test's pick for old
+              run("p1", "tune", "6", "p-a", "padded", "0.01", 100, 0.20, 0.30),
+              run("p2", "tune", "6", "p-b", "padded", "0.001", 100, 0.10, 0.35),
+              run("fo", "final", "5", "f-old", "old", "0.01", 1, 0.31, 0.5, selected="o1"),
+              run("fp", "final", "6", "f-padded", "padded", "0.001", 1, 0.12, 0.3, selected="p2")]
+    (group,), _ = aggregate(trials, {})
+    picks = {p.strategy: p for p in compare(group).strategies}
+    assert set(picks) == {"lwf (distill=old)", "lwf (distill=padded)"}
+    old, padded = picks["lwf (distill=old)"], picks["lwf (distill=padded)"]
+    assert (old.by_validation.tuning_acc, old.by_test.tuning_acc, old.final_acc[0]) == (0.30, 0.40, 0.31)
+    assert (padded.by_validation.tuning_acc, padded.by_test.tuning_acc, padded.final_acc[0]) == (0.10, 0.20, 0.12)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from clgrid.report.aggregate import Group, label_configs, trial_values
 from clgrid.report.collect import FINISHED, Trial
 from clgrid.report.stats import summarize
-from clgrid.tracking.schema import SELECTED_FROM
+from clgrid.tracking.schema import SELECTED_FROM, TUNE_ENTRY
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,11 @@ def compare(group: Group) -> Comparison | None:
     finished = [t for t in group.tuning if t.status == FINISHED and math.isfinite(_acc(t))]
     if not finished:
         return None
-    by_strategy: dict[str, dict[str, list[Trial]]] = defaultdict(lambda: defaultdict(list))
+    entries: dict[tuple[str, str], dict[str, list[Trial]]] = defaultdict(lambda: defaultdict(list))
     for t in finished:
-        by_strategy[t.strategy][t.config_key].append(t)
-    picks = [_picks(group, s, configs) for s, configs in sorted(by_strategy.items())]
+        entries[(t.strategy, t.tags.get(TUNE_ENTRY, ""))][t.config_key].append(t)
+    names = _entry_names(entries)
+    picks = [_picks(group, names[entry], entry, configs) for entry, configs in sorted(entries.items())]
     ranked = [p for p in picks if math.isfinite(p.reported)]
     by_validation = [p.strategy for p in sorted(ranked, key=lambda p: -p.reported)]
     by_test = [p.strategy for p in sorted(ranked, key=lambda p: -p.by_test.tuning_acc)]
@@ -85,21 +86,34 @@ def _acc(t: Trial) -> float:
     return trial_values(t, None)["acc"]
 
 
-def _picks(group: Group, strategy: str, configs: dict[str, list[Trial]]) -> StrategyPicks:
+def _entry_names(entries: dict[tuple[str, str], dict[str, list[Trial]]]) -> dict[tuple[str, str], str]:
+    """A strategy's name, or, for a strategy the spec tunes in several entries (LwF's two
+    distillations), the name with what is constant within each entry and differs between them."""
+    labels = label_configs({f"{s}#{e}": (s, [t.params for runs in configs.values() for t in runs])
+                            for (s, e), configs in entries.items()})
+    return {(s, e): labels[f"{s}#{e}"].text for s, e in entries}
+
+
+def _picks(group: Group, name: str, entry: tuple[str, str], configs: dict[str, list[Trial]]) -> StrategyPicks:
+    strategy, index = entry
+
+    def ours(t: Trial) -> bool:  # runs without the tag (older sweeps): one entry per strategy
+        return t.strategy == strategy and t.tags.get(TUNE_ENTRY, "") == index
+
     labels = label_configs({key: (strategy, [t.params for t in runs]) for key, runs in configs.items()})
     test_acc = {key: summarize(_acc(t) for t in runs)[0] for key, runs in configs.items()}
     val_acc = {key: summarize(t.metrics.get("val_acc", math.nan) for t in runs)[0] for key, runs in configs.items()}
-    seeds = {t.seed for t in group.tuning if t.strategy == strategy}
+    seeds = {t.seed for t in group.tuning if ours(t)}
     order = [k for k in labels if {t.seed for t in configs[k]} >= seeds] or list(labels)  # ties: the first
     by_test = max(order, key=lambda k: (test_acc[k], -order.index(k)))
-    finals = [c for c in group.configs if c.strategy == strategy]
+    finals = [c for c in group.configs if any(ours(t) for t in c.by_seed.values())]
     named = {rid for c in finals for t in c.by_seed.values() for rid in t.tags.get(SELECTED_FROM, "").split(",") if rid}
     selected = [key for key, runs in configs.items() if any(t.run_id in named for t in runs)]
     with_val = [k for k in order if math.isfinite(val_acc[k])]
     chosen = selected[0] if selected else max(with_val, key=lambda k: (val_acc[k], -order.index(k)), default=None)
-    all_runs = [t for t in group.tuning if t.strategy == strategy]
+    all_runs = [t for t in group.tuning if ours(t)]
     return StrategyPicks(
-        strategy=strategy, n_configs=len(order), n_runs=len(all_runs),
+        strategy=name, n_configs=len(order), n_runs=len(all_runs),
         n_finished=sum(len(runs) for runs in configs.values()),
         by_validation=Pick(labels[chosen].text, test_acc[chosen]) if chosen else None,
         by_test=Pick(labels[by_test].text, test_acc[by_test]),

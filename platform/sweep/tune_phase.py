@@ -41,7 +41,7 @@ from clgrid.spec.spaces import Space
 from clgrid.sweep.layout import SweepDir, SweepMeta, SweepTrial
 from clgrid.sweep.trial import TrialConfig, attempt
 from clgrid.sweep.trial_logger import read_history
-from clgrid.tracking.schema import (FINAL, SELECTED_FROM, TUNE, TUNING_DEVICE_SECONDS, TUNING_TRAIN_FLOPS)
+from clgrid.tracking.schema import FINAL, SELECTED_FROM, TUNE, TUNE_ENTRY, TUNING_DEVICE_SECONDS, TUNING_TRAIN_FLOPS
 from clgrid.train.metrics import VAL_PREFIX
 
 STARTED, ENDED, FAILED = "started", "ended", "failed"  # a point's states in tune.json; "planned" before Ray starts it
@@ -130,7 +130,8 @@ def _tuning_run(context: TuneContext, trial: TrialSpec) -> SweepTrial:
     folder = SweepDir(Path(context.sweep_dir)).trial(trial.trial_key)
     if not folder.run.exists():
         name = f"tune-{trial.strategy.name}-{trial.config_key[:8]}-seed{trial.seed}"
-        tags = tracking.trial_tags(trial, context.sweep_id, context.parent_run_id, name, phase=TUNE)
+        tags = tracking.trial_tags(trial, context.sweep_id, context.parent_run_id, name, phase=TUNE) | {
+            TUNE_ENTRY: str(context.entry)}
         run_id = tracking.create_trial_run(context.tracking_uri, context.experiment_id, trial, tags)
         folder.path.mkdir(parents=True, exist_ok=True)
         fsio.write_json(folder.run, {"run_id": run_id})
@@ -326,7 +327,7 @@ def _final_trials(folder: SweepDir, meta: SweepMeta, spec: PipelineSpec, state: 
         selected = ",".join(fsio.read_json(folder.trial(t.trial_key).run)["run_id"]
                             for t in tuning_trials(spec, pair.entry, pair.index, best))
         for trial in _trials(spec, pair.entry, pair.index, best, spec.seeds):
-            chosen.setdefault(trial.trial_key, (trial, {SELECTED_FROM: selected}, cost))
+            chosen.setdefault(trial.trial_key, (trial, {SELECTED_FROM: selected, TUNE_ENTRY: str(pair.entry)}, cost))
     trials = [c[0] for c in chosen.values()]
     label = names(trials)
     final = []

@@ -47,6 +47,7 @@ HEARTBEAT = "clgrid.heartbeat"  # on the parent: unix seconds of the driver's la
 # runs behind its configuration and carries the tuning cost of its strategy on its benchmark.
 PHASE, TUNE, FINAL = "clgrid.phase", "tune", "final"
 SELECTED_FROM = "clgrid.selected_from"  # comma-separated run ids
+TUNE_ENTRY = "clgrid.tune_entry"  # the index of the spec's strategy entry a tuning or final run belongs to
 TUNING_TRAIN_FLOPS, TUNING_DEVICE_SECONDS = "tuning_train_flops", "tuning_device_seconds"
 CLASS_ORDER = "clgrid.class_order"  # the classes in the order the stream presented them
 
