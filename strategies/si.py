@@ -15,9 +15,10 @@ from clgrid.strategies.base import Batch, Context, StrategyConfig
 
 
 class SIConfig(StrategyConfig):
-    """The defaults were chosen on mnist5k test accuracy (quickstart settings,
-    tests/benchmarks/measure_regularization.py) in an earlier release, before clgrid had a
-    validation split; see docs/tuning.md for the validation-tuned values."""
+    """``c`` 1 (of 0.1, 1, 10) is chosen on the validation split: the best mean val_acc over
+    split-mnist5k task-IL and permuted-mnist5k domain-IL, 2 tuning seeds, MLP 400x400, 100 iterations
+    of batch 128 per experience (docs/tuning.md "Defaults", with the spec that ran it);
+    an earlier release had chosen the same value on test accuracy."""
 
     name: Literal["si"] = "si"
     c: float = Field(1.0, ge=0, description="penalty strength")
