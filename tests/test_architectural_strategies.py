@@ -17,7 +17,7 @@ def run_with_snapshots(strategy: dict, trial_dir: Path, scenario: str = "task-il
     it gives the first test experience under ``"scores"``), the trainer and the trial."""
     trial = tiny_trial(strategy, scenario, model={"name": "mlp", "hidden": [16, 16], "heads": "multi"},
                        train={"iterations": 20, "batch_size": 32, "lr": 0.01, **train},
-                       benchmarks=[{"source": "digits", "scenario": scenario, "experiences": experiences}])
+                       benchmarks=[{"source": "digits", "scenario": scenario, "experiences": experiences, "validation": 0}])
     snapshots: list[dict[str, torch.Tensor]] = []
 
     def snapshot(report) -> None:

@@ -236,3 +236,12 @@ def test_an_interrupted_tuning_phase_resumes_without_rerunning_finished_trials(t
     attempts = {k: sweep.trial(k).attempts.read_text().count("pid=") for k in keys}
     assert attempts == {keys[0]: 1, keys[1]: 2}  # the finished trial was not rerun; the failed one resumed
     _check_tuned_sweep(storage, n_points=2, n_tuning_seeds=1)
+
+
+def test_a_dict_valued_field_is_a_value_and_a_misspelled_distribution_is_refused(tmp_path, capsys) -> None:
+    layers = {"name": "finetune_layers", "layers": {"backbone.0": "frozen", "head": "reinit"}}
+    spec = PipelineSpec.model_validate(dict(tuned_spec([layers]), tune=None, train={"iterations": 6}))
+    assert spec.strategies[0].layers == [{"backbone.0": "frozen", "head": "reinit"}]
+    bad = write(tmp_path, tuned_spec([{"name": "ewc", "ewc_lambda": {"logunifrom": [1.0, 10.0]}}]))
+    assert main(["validate", str(bad)]) == 2
+    assert "strategies.0.ewc_lambda" in capsys.readouterr().err

@@ -9,7 +9,8 @@ field's own type and bounds, so a distribution never draws a value the field wou
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, create_model, model_validator
 
@@ -53,12 +54,20 @@ class _Range(Space):
         return self
 
 
-def _kind(value: Any) -> str | None:
+def _kind(value: Any, takes_dicts: bool) -> str | None:
     if isinstance(value, Space):
         return value.kind
     if isinstance(value, dict):
-        return next(iter(value)) if len(value) == 1 and next(iter(value)) in KINDS else None
+        if len(value) == 1 and next(iter(value)) in KINDS:
+            return next(iter(value))
+        return "grid" if takes_dicts else None  # a dict-valued field's value (finetune_layers' layers)
     return "grid"
+
+
+def _takes_dicts(annotation: Any) -> bool:
+    if annotation is dict or get_origin(annotation) is dict:
+        return True
+    return get_origin(annotation) in (Union, UnionType) and any(_takes_dicts(a) for a in get_args(annotation))
 
 
 def _kinds_for(base: Any) -> tuple[str, ...]:
@@ -79,6 +88,7 @@ def searchable(name: str, base: Any, value: Any, grid: Any) -> Any:
         model = create_model(f"{name}_{kind}", __base__=Space if kind == "choice" else _Range, **{kind: field})
         members.append(Annotated[model, Tag(kind)])
     allowed = ", ".join(f"{{{k}: [...]}}" for k in _kinds_for(base))
+    takes_dicts = _takes_dicts(base)
     return Annotated[Union[tuple(members)], Discriminator(
-        _kind, custom_error_type="search_space",
+        lambda v: _kind(v, takes_dicts), custom_error_type="search_space",
         custom_error_message=f"expected a value, a list (a grid axis) or a distribution: {allowed}")]
