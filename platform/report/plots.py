@@ -107,12 +107,7 @@ def stream_figure(mats: Sequence[tuple[str, np.ndarray, Sequence[str]]]) -> Figu
         seen = [r[i, : i + 1].mean() for i in steps]
         ax.plot(steps, seen, "k-", linewidth=2, label="mean of seen")
         ax.set_xticks(steps, [str(n) for n in names[: r.shape[0]]], fontsize=7)
-        ax.set_ylim(0, 1.05)
-        ax.set_xlabel("after training experience")
-        ax.set_ylabel("accuracy")
-        ax.set_title(label, fontsize=9)
-        ax.legend(fontsize=6)
-        ax.grid(alpha=0.3)
+        _accuracy_axes(ax, "after training experience", label)
     return fig
 
 
@@ -149,12 +144,7 @@ def continual_experiences_figure(panels: Sequence[tuple[str, np.ndarray, np.ndar
         for j in range(acc.shape[1]):
             ax.plot(steps, acc[:, j], linewidth=1, label=f"exp {j}")
         _mark_boundaries(ax, boundaries)
-        ax.set_ylim(0, 1.05)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("accuracy")
-        ax.set_title(label, fontsize=9)
-        ax.legend(fontsize=6)
-        ax.grid(alpha=0.3)
+        _accuracy_axes(ax, "training step", label)
     return fig
 
 
@@ -344,3 +334,13 @@ def _mean_matrices(configs: list[Config]) -> list[tuple[str, np.ndarray, list[st
             same = [m for m in ms if m.r.shape == shape]
             mats.append((c.label, np.mean([m.r for m in same], axis=0), same[0].names))
     return mats
+
+
+def _accuracy_axes(ax, xlabel: str, title: str) -> None:
+    """An accuracy-over-time panel's axes, legend and grid."""
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)

@@ -31,7 +31,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import ContextManager, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -195,26 +195,23 @@ class Stopwatch:
         self.device = device
         self.seconds = 0.0
 
-    @contextmanager
-    def timing(self) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.seconds += time.perf_counter() - start
+    def timing(self) -> ContextManager[None]:
+        """The time spent in the block is counted."""
+        return self._adding(+1)
+
+    def paused(self) -> ContextManager[None]:
+        """Inside a timed block: the time spent here is not counted (continual evaluation)."""
+        return self._adding(-1)
 
     @contextmanager
-    def paused(self) -> Iterator[None]:
-        """Inside a timed block: the time spent here is not counted (continual evaluation)."""
+    def _adding(self, sign: int) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
         finally:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.seconds -= time.perf_counter() - start
+            self.seconds += sign * (time.perf_counter() - start)
 
 
 def reset_peak_memory(device: torch.device) -> None:
