@@ -234,11 +234,18 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
             raise
         trials = [t for t, _ in chosen]
         extra = {t.trial_key: m for t, m in chosen}
-        configs = [TrialConfig(trial=t, sweep_dir=str(folder.path), tracking_uri=uri, retry_seconds=seconds,
-                               extra_metrics=extra[t.trial_key]).model_dump() for t in longest_first(trials)]
-        fit(trainable, {"cfg": tune.grid_search(configs)}, name=meta.sweep_id,
-            callbacks=[Progress(len(configs))] if progress else [],
-            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+        configs = {t.trial_key: TrialConfig(trial=t, sweep_dir=str(folder.path), tracking_uri=uri, retry_seconds=seconds,
+                                            extra_metrics=extra[t.trial_key]).model_dump() for t in trials}
+        specs = {t.trial_key: t.trial_spec() for t in trials}
+
+        def name(trial: Any) -> str:
+            return f"{specs[trial.config['key']].strategy.name}-{trial.config['key']}"
+
+        # Ray Tune copies the whole grid list into every variant it generates (quadratic in the
+        # number of trials): the grid is of trial keys, the configs go once to the object store
+        fit(tune.with_parameters(trainable, configs=configs),
+            {"key": tune.grid_search([t.trial_key for t in longest_first(trials)])}, name=meta.sweep_id,
+            callbacks=[Progress(specs)] if progress else [], trial_name_creator=name, trial_dirname_creator=name)
     outcomes = []
     for t in trials:
         result_file = folder.trial(t.trial_key).result
@@ -273,36 +280,29 @@ def _end_runs(uri: str, folder: SweepDir, parent: str, outcomes: list[TrialOutco
             outbox.record_end(where, run_id, status, outbox.describe(exc))
 
 
-def _spec(trial: Any) -> TrialSpec:
-    """The TrialSpec of a Ray Tune trial."""
-    return TrialConfig.model_validate(trial.config["cfg"]).trial.trial_spec()
-
-
-def _trial_name(trial: Any) -> str:
-    spec = _spec(trial)
-    return f"{spec.strategy.name}-{spec.trial_key}"
-
-
 class Progress(tune.Callback):
     """One line per finished experience and per finished trial, printed by the driver."""
 
-    def __init__(self, total: int):
-        self.total, self.done, self.start = total, 0, time.time()
+    def __init__(self, specs: dict[str, TrialSpec]):
+        self.specs, self.done, self.start = specs, 0, time.time()
+
+    def _spec(self, trial: Any) -> TrialSpec:
+        return self.specs[trial.config["key"]]
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if "experience" not in result:  # a trial finished earlier reports only its final metrics
             return
-        spec = _spec(trial)
+        spec = self._spec(trial)
         print(f"  {_label(spec)}: experience {result['experience'] + 1}/{spec.benchmark.experiences}"
               f"  acc={result['acc']:.3f}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
-        print(f"[{self.done}/{self.total} trials, {time.time() - self.start:.0f}s] finished "
-              f"{_label(_spec(trial))}", flush=True)
+        print(f"[{self.done}/{len(self.specs)} trials, {time.time() - self.start:.0f}s] finished "
+              f"{_label(self._spec(trial))}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"[trial error] {_label(_spec(trial))}: see {trial.path}", file=sys.stderr, flush=True)
+        print(f"[trial error] {_label(self._spec(trial))}: see {trial.path}", file=sys.stderr, flush=True)
 
 
 def _label(t: TrialSpec) -> str:

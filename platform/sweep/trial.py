@@ -45,10 +45,12 @@ class TrialConfig(BaseModel):
         return SweepDir(Path(self.sweep_dir)).trial(self.trial.trial_key)
 
 
-def trainable(point: dict[str, Any]) -> None:
-    """The Ray Tune trainable: ``point["cfg"]`` is a TrialConfig. One attempt at a time writes a
-    trial's folder: an attempt Ray retries waits for the one before to stop (clgrid.sweep.lease)."""
-    attempt(TrialConfig.model_validate(point["cfg"]), tune.report)
+def trainable(point: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
+    """The Ray Tune trainable: ``point["key"]`` is a trial key of ``configs`` (the sweep's
+    TrialConfigs, which tune.with_parameters puts in Ray's object store once: Ray Tune's variants
+    carry a key each, not a copy of every config). One attempt at a time writes a trial's folder: an
+    attempt Ray retries waits for the one before to stop (clgrid.sweep.lease)."""
+    attempt(TrialConfig.model_validate(configs[point["key"]]), tune.report)
 
 
 def attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], experiences: int | None = None) -> dict:
