@@ -74,7 +74,7 @@ def test_a_learning_rate_list_is_a_grid_axis(tmp_path, capsys) -> None:
     assert "2 trials = 2 configurations x 1 seeds" in capsys.readouterr().out
 
 
-def _refused(tmp_path: Path, capsys, spec: dict, line_text: str, message: str, command: str = "validate") -> None:
+def assert_refused(tmp_path: Path, capsys, spec: dict, line_text: str, message: str, command: str = "validate") -> None:
     path = write(tmp_path, spec)
     args = [command, str(path)] + (["--storage", str(tmp_path / "runs")] if command == "run" else [])
     assert main(args) == 2
@@ -86,43 +86,43 @@ def _refused(tmp_path: Path, capsys, spec: dict, line_text: str, message: str, c
 def test_a_distribution_without_tune_is_refused_with_its_line(tmp_path, capsys) -> None:
     spec = tuned_spec()
     del spec["tune"]
-    _refused(tmp_path, capsys, spec, "ewc_lambda:", "strategies.0.ewc_lambda: {loguniform: ...} is a search space")
+    assert_refused(tmp_path, capsys, spec, "ewc_lambda:", "strategies.0.ewc_lambda: {loguniform: ...} is a search space")
 
 
 def test_tuning_seeds_overlapping_the_final_seeds_are_refused(tmp_path, capsys) -> None:
-    _refused(tmp_path, capsys, tuned_spec(seeds=[0, 100]), "seeds: [0, 100]", "tune.seeds.0: seed 0 is also in `seeds`")
+    assert_refused(tmp_path, capsys, tuned_spec(seeds=[0, 100]), "seeds: [0, 100]", "tune.seeds.0: seed 0 is also in `seeds`")
 
 
 def test_an_unknown_search_algorithm_is_refused(tmp_path, capsys) -> None:
-    _refused(tmp_path, capsys, tuned_spec(search="hyperband"), "search: hyperband", "tune.search: Input should be")
+    assert_refused(tmp_path, capsys, tuned_spec(search="hyperband"), "search: hyperband", "tune.search: Input should be")
 
 
 def test_bounds_outside_a_fields_limits_are_refused(tmp_path, capsys) -> None:
     spec = tuned_spec([{"name": "si", "c": {"loguniform": [-1.0, 10.0]}}])
-    _refused(tmp_path, capsys, spec, "[-1.0", "strategies.0.c.loguniform.0: Input should be greater than or equal to 0")
+    assert_refused(tmp_path, capsys, spec, "[-1.0", "strategies.0.c.loguniform.0: Input should be greater than or equal to 0")
 
 
 def test_a_range_on_a_field_of_another_type_is_refused(tmp_path, capsys) -> None:
     spec = tuned_spec([{"name": "replay", "buffer_size": {"uniform": [10, 100]}}])
-    _refused(tmp_path, capsys, spec, "buffer_size:", "strategies.0.buffer_size: expected a value, a list (a grid axis) "
+    assert_refused(tmp_path, capsys, spec, "buffer_size:", "strategies.0.buffer_size: expected a value, a list (a grid axis) "
              "or a distribution: {randint: [...]}, {choice: [...]}")
 
 
 def test_first_experiences_longer_than_the_stream_is_refused(tmp_path, capsys) -> None:
     spec = tuned_spec(protocol="first-experiences", experiences=3)
-    _refused(tmp_path, capsys, spec, "experiences: 3", "tune.experiences: 3 experiences, but benchmarks.0")
+    assert_refused(tmp_path, capsys, spec, "experiences: 3", "tune.experiences: 3 experiences, but benchmarks.0")
 
 
 def test_tuning_without_a_validation_split_is_refused(tmp_path, capsys) -> None:
     spec = tuned_spec()
     spec["benchmarks"][0]["validation"] = 0
-    _refused(tmp_path, capsys, spec, "validation: 0", "benchmarks.0.validation: tuning scores on the validation split")
+    assert_refused(tmp_path, capsys, spec, "validation: 0", "benchmarks.0.validation: tuning scores on the validation split")
 
 
 def test_distributions_under_grid_search_are_refused_before_ray_starts(tmp_path, capsys) -> None:
     import ray
 
-    _refused(tmp_path, capsys, tuned_spec(search="grid"), "  lr:", "train.lr: {loguniform: ...}: search grid "
+    assert_refused(tmp_path, capsys, tuned_spec(search="grid"), "  lr:", "train.lr: {loguniform: ...}: search grid "
              "takes values and lists only", command="run")
     assert not ray.is_initialized()
     assert not (tmp_path / "runs" / "sweeps").exists()
