@@ -89,6 +89,16 @@ def log_trial(client, exp_id, parent_id, label, strategy, key, params, seed, sta
     return log_run(client, exp_id, tags, params, metrics, artifacts, tmp, status)
 
 
+def new_sweep(tmp: Path, experiment: str, sweep_id: str) -> tuple[str, MlflowClient, str, str]:
+    """A SQLite store in ``tmp`` with an experiment and a sweep's parent run: (uri, client, experiment
+    id, parent run id)."""
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment(experiment, artifact_location=(tmp / "artifacts").as_uri())
+    parent = client.create_run(exp_id, tags={"clgrid.role": "sweep", "clgrid.sweep_id": sweep_id}).info.run_id
+    return uri, client, exp_id, parent
+
+
 def make_store(tmp: Path) -> dict:
     """Two sweeps of `quickstart` (the newer is the default) and an experiment that only failed."""
     uri = f"sqlite:///{tmp}/mlflow.db"

@@ -9,14 +9,13 @@ import io
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
-from mlflow.tracking import MlflowClient
 
 from clgrid.report import build_report
 from clgrid.report.aggregate import aggregate
 from clgrid.report.collect import collect
 from clgrid.report.plots import continual_figure, mean_traces, png_bytes
 from clgrid.report.stats import summarize
-from report_store import SCENARIO, log_run, make_matrix, mean_of, table, trial_tags
+from report_store import new_sweep, SCENARIO, log_run, make_matrix, mean_of, table, trial_tags
 
 ONLINE = "online"
 BOUNDARIES = [0, 100, 200]
@@ -50,10 +49,7 @@ PARAMS = {"train.online": "True", "train.batch_size": "10", "benchmark.boundarie
 @pytest.fixture(scope="module")
 def online(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("online")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    client = MlflowClient(uri)
-    exp_id = client.create_experiment(ONLINE, artifact_location=(tmp / "artifacts").as_uri())
-    parent = client.create_run(exp_id, tags={"clgrid.role": "sweep", "clgrid.sweep_id": "s-online"}).info.run_id
+    uri, client, exp_id, parent = new_sweep(tmp, ONLINE, "s-online")
     for strategy, (drop, summary) in RUNS.items():
         for i, seed in enumerate((1, 2)):
             metrics = {k: v[i] for k, v in summary.items()} | {

@@ -8,14 +8,13 @@ import math
 
 import numpy as np
 import pytest
-from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from clgrid.report import build_report
 from clgrid.report.aggregate import aggregate
 from clgrid.report.collect import Trial
 from clgrid.report.stats import holm
-from report_store import BENCH, EXPERIMENT, SCENARIO, log_run, make_matrix, mean_of, table, trial_tags
+from report_store import new_sweep, BENCH, EXPERIMENT, SCENARIO, log_run, make_matrix, mean_of, table, trial_tags
 
 TUNED = "tuned"
 TUNE_SEEDS, FINAL_SEEDS = (100, 101), (1, 2, 3)
@@ -46,10 +45,7 @@ def run_metrics(acc: float, val_acc: float, flops: float) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tuned")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    client = MlflowClient(uri)
-    exp_id = client.create_experiment(TUNED, artifact_location=(tmp / "artifacts").as_uri())
-    parent = client.create_run(exp_id, tags={"clgrid.role": "sweep", "clgrid.sweep_id": "s-tuned"}).info.run_id
+    uri, client, exp_id, parent = new_sweep(tmp, TUNED, "s-tuned")
     tuning_ids: dict[str, list[str]] = {}
     tuning_flops = {s: FINAL[s][4] * len(configs) * len(TUNE_SEEDS) for s, configs in TUNING.items()}
     for strategy, configs in TUNING.items():
