@@ -63,3 +63,26 @@ def test_penalised_steps_cost_more_than_plain_ones(tmp_path: Path) -> None:
     weight) put it above the analytic rate."""
     costs = run_trial(tiny_trial({"name": "ewc", "fisher_samples": 32}, model=MLP, train=TRAIN), tmp_path).costs
     assert costs["train_flops"] / costs["samples_seen"] > analytic_flops_per_sample() * 1.05
+
+
+@pytest.mark.parametrize("model", [MLP, {"name": "cnn"}, {"name": "resnet18"}], ids=lambda m: m["name"])
+def test_the_meter_counts_what_torchs_flop_counter_counts(model: dict) -> None:
+    """The meter's own dispatch mode (cheaper than FlopCounterMode) uses torch's formulas: the same
+    total over a training step (forward, backward, optimizer), convolutions and BatchNorm included."""
+    shape = (1, 8, 8) if model["name"] == "mlp" else (3, 32, 32)
+    net = build_model(ModelSpec(**model), shape, 10, [tuple(range(10))], "class-il")
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(4, *shape), torch.tensor([0, 3, 5, 9])
+
+    def step() -> None:
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        optimizer.step()
+
+    with FlopCounterMode(display=False) as reference:
+        step()
+    meter = FlopMeter()
+    with meter.counting():
+        step()
+    assert reference.get_total_flops() > 0
+    assert meter.total == reference.get_total_flops()

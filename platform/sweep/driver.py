@@ -225,7 +225,11 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
     outbox.record_end(folder, parent, None)  # an earlier driver's end that the server missed: this driver ends the run
     # Ray Tune's default CSV, JSON and TensorBoard loggers write files nothing reads, and the last
     # prints a "To visualize your results with TensorBoard" hint; trials keep their own results.
-    with liveness.Heartbeat(uri, parent), _environment({"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}):
+    # Its experiment state (every trial's state as JSON, for Tuner.restore, which clgrid does not use:
+    # a sweep resumes from its own folder) is saved at the end only, not every few seconds: at
+    # thousands of trials each save took seconds of the driver's CPU.
+    tune_env = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "TUNE_GLOBAL_CHECKPOINT_S": str(10**9)}
+    with liveness.Heartbeat(uri, parent), _environment(tune_env):
         # with `tune:` the tuning phase first; its final trials then run like a sweep's
         try:
             chosen = tune_phase.run(folder, meta, spec, fit, run_names) if spec.tune else [(t, {}) for t in meta.trials]
@@ -237,15 +241,13 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
         configs = {t.trial_key: TrialConfig(trial=t, sweep_dir=str(folder.path), tracking_uri=uri, retry_seconds=seconds,
                                             extra_metrics=extra[t.trial_key]).model_dump() for t in trials}
         specs = {t.trial_key: t.trial_spec() for t in trials}
-
-        def name(trial: Any) -> str:
-            return f"{specs[trial.config['key']].strategy.name}-{trial.config['key']}"
-
         # Ray Tune copies the whole grid list into every variant it generates (quadratic in the
-        # number of trials): the grid is of trial keys, the configs go once to the object store
+        # number of trials): the grid is of trial keys, the configs go once to the object store.
+        # The name creators are module functions: Ray Tune pickles them into every trial's state.
         fit(tune.with_parameters(trainable, configs=configs),
             {"key": tune.grid_search([t.trial_key for t in longest_first(trials)])}, name=meta.sweep_id,
-            callbacks=[Progress(specs)] if progress else [], trial_name_creator=name, trial_dirname_creator=name)
+            callbacks=[Progress(specs)] if progress else [], trial_name_creator=trial_name,
+            trial_dirname_creator=trial_name)
     outcomes = []
     for t in trials:
         result_file = folder.trial(t.trial_key).result
@@ -255,6 +257,11 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
     _end_runs(uri, folder, parent, outcomes)
     folders = [folder.trial(t.trial_key) for t in trials] + [folder]
     return SweepOutcome(meta.sweep_id, folder.path, meta.experiment, uri, parent, outcomes, outbox.pending(folders))
+
+
+def trial_name(trial: Any) -> str:
+    """A Ray Tune trial's name and folder: its trial key, which names its clgrid folder too."""
+    return trial.config["key"]
 
 
 def longest_first(trials: list[SweepTrial]) -> list[SweepTrial]:

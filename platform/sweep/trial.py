@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     from clgrid.spec import TrialSpec
 
 FAULT_ENV = "CLGRID_FAULT_ONCE"  # test hook: see _inject_fault
+# A sweep's trials tell Ray Tune (the driver's progress lines) of an experience at most this often,
+# and always of the last: each report is a round trip to the driver, which a trial of many short
+# experiences would otherwise wait on after every one of them.
+REPORT_SECONDS = 1.0
+PROGRESS_METRICS = ("experience", "acc")
 
 
 class TrialConfig(BaseModel):
@@ -50,15 +55,25 @@ def trainable(point: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None
     TrialConfigs, which tune.with_parameters puts in Ray's object store once: Ray Tune's variants
     carry a key each, not a copy of every config). One attempt at a time writes a trial's folder: an
     attempt Ray retries waits for the one before to stop (clgrid.sweep.lease)."""
-    attempt(TrialConfig.model_validate(configs[point["key"]]), tune.report)
+    attempt(TrialConfig.model_validate(configs[point["key"]]), _report_progress, every=REPORT_SECONDS)
 
 
-def attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], experiences: int | None = None) -> dict:
-    """One attempt at a trial: ``report`` gets what each experience measured (Ray Tune's report, or
-    the tuning phase's filter of it); ``experiences`` stops after that many (tuning on the first
-    experiences). Returns the trial's result.json."""
+def _report_progress(metrics: dict[str, Any]) -> None:
+    """What a sweep's trial tells Ray Tune: the experience and its accuracy, for the driver's
+    progress lines (results are read from the trial's folder). Ray Tune keeps running statistics of
+    every number reported, per trial, and writes them into its experiment state: the fewer, the
+    cheaper for a driver of thousands of trials."""
+    tune.report({k: metrics[k] for k in PROGRESS_METRICS if k in metrics})
+
+
+def attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], experiences: int | None = None,
+            every: float = 0.0) -> dict:
+    """One attempt at a trial: ``report`` gets what an experience measured (Ray Tune's report, or
+    the tuning phase's filter of it), for every experience, or with ``every`` > 0 for the last one
+    and for those ending ``every`` seconds or more after the last report; ``experiences`` stops
+    after that many (tuning on the first experiences). Returns the trial's result.json."""
     with TrialWriter(config.folder):
-        return _attempt(config, report, experiences)
+        return _attempt(config, report, experiences, every)
 
 
 class _Enough(Exception):
@@ -68,7 +83,8 @@ class _Enough(Exception):
         self.report = report
 
 
-def _attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], experiences: int | None) -> dict:
+def _attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], experiences: int | None,
+             every: float) -> dict:
     from clgrid.benchmarks.scenarios import class_order
     from clgrid.train import checkpoint, trainer
 
@@ -80,10 +96,15 @@ def _attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], expe
         report(result["metrics"])
         return result
     log.start()
+    reported = time.monotonic()
 
     def on_experience(done: trainer.ExperienceReport) -> None:
+        nonlocal reported
         log.experience(**vars(done))  # history.json, then MLflow (or the outbox)
-        report({"experience": done.experience, **done.metrics, **done.costs})
+        last = done.experience + 1 >= (experiences or len(done.row))  # a row holds every test experience
+        if last or time.monotonic() - reported >= every:
+            report({"experience": done.experience, **done.metrics, **done.costs})
+            reported = time.monotonic()
         _inject_fault(config.trial.trial_key, done.experience)
         if experiences is not None and done.experience + 1 >= experiences:
             raise _Enough(done)
