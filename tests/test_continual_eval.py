@@ -152,7 +152,7 @@ def test_sync_uploads_the_trace_a_lost_server_missed_once(tmp_path: Path) -> Non
     meta = sweep.meta()
     (trial,) = meta.trials
     log = TrialLogger(f"http://127.0.0.1:{free_port()}", trial.run_id, sweep.trial(trial.trial_key), seconds=0)
-    log.start()
+    log.start(first=False)  # a retried attempt: finds the server away at once
     log.matrix([[0.5, 0.1], [0.3, 0.9]], [0.1, 0.1])  # a trial logs its matrix before the trace
     log.continual(TRACE)
     log.end("FINISHED")

@@ -51,3 +51,42 @@ def test_loading_the_trainable_does_not_import_torch() -> None:
     code = "import sys, clgrid.sweep.trial; print(sorted(m for m in ('torch', 'clgrid.train.trainer') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_short_experiences_reach_mlflow_in_one_upload_and_slow_ones_as_they_end(tmp_path: Path, monkeypatch) -> None:
+    """The trial logger uploads an experience at once only when the last upload is UPLOAD_SECONDS
+    old; the others wait for the next upload (one log_batch for all), at the latest its flush."""
+    from mlflow.tracking import MlflowClient
+
+    from clgrid.sweep import driver, trial_logger
+
+    spec = PipelineSpec.model_validate(tiny_spec([{"name": "naive"}], storage={"root": str(tmp_path / "runs")}))
+    sweep = SweepDir(driver.prepare(spec))
+    (trial,) = sweep.meta().trials
+    client = MlflowClient(sweep.meta().tracking_uri)
+    batches: list[list] = []
+    log_batch = MlflowClient.log_batch
+    monkeypatch.setattr(MlflowClient, "log_batch", lambda self, run_id, metrics=(), **kw: (
+        batches.append(list(metrics)), log_batch(self, run_id, metrics=metrics, **kw))[1])
+    monkeypatch.setattr(trial_logger, "UPLOAD_SECONDS", 3600.0)
+
+    def steps() -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(trial.run_id, "acc"))
+
+    log = trial_logger.TrialLogger(sweep.meta().tracking_uri, trial.run_id, sweep.trial(trial.trial_key), seconds=5)
+    log.start(first=True)
+    for e in range(3):
+        log.experience(e, [0.5, 0.1, 0.2], {"acc": e / 10, "bwt": 0.0}, {"train_flops": 1.0})
+    assert steps() == [] and batches == []  # waiting, and in history.json already
+    assert [h["experience"] for h in json.loads(sweep.trial(trial.trial_key).history.read_text())] == [0, 1, 2]
+    log.flush()
+    assert steps() == [0, 1, 2] and len(batches) == 1
+    # each experience's acc after its other metrics: a run with an experience's acc has all of it
+    keys = [(m.step, m.key) for m in batches[0]]
+    assert all(keys.index((s, "acc")) > keys.index((s, k)) for s, k in keys if k != "acc")
+    monkeypatch.setattr(trial_logger, "UPLOAD_SECONDS", 0.0)  # experiences slower than that: each at once
+    log.experience(3, [0.5, 0.1, 0.2, 0.3], {"acc": 0.3, "bwt": 0.0}, {"train_flops": 1.0})
+    assert steps() == [0, 1, 2, 3] and len(batches) == 2
+    log.end("FINISHED")
+    assert client.get_run(trial.run_id).info.status == "FINISHED"
+    assert not sweep.trial(trial.trial_key).unsynced.exists()

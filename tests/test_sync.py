@@ -225,7 +225,7 @@ def test_sync_reads_the_folders_and_imports_neither_torch_nor_ray(tmp_path):
     (trial,) = meta.trials
     away = f"http://127.0.0.1:{free_port()}"
     log = TrialLogger(away, trial.run_id, sweep.trial(trial.trial_key), seconds=0)
-    log.start()
+    log.start(first=False)  # as a retried attempt: asks the server first
     R = [[0.5, 0.1], [0.4, 0.25]]
     for experience, row in enumerate(R):
         log.experience(experience, row, {"acc": row[experience]}, {"train_flops": 1.0})
@@ -264,7 +264,7 @@ def test_sync_beside_a_trials_logger_loses_nothing(tmp_path):
 
     def trial_logs() -> None:
         log = TrialLogger(f"http://127.0.0.1:{free_port()}", trial.run_id, sweep.trial(trial.trial_key), seconds=0)
-        log.start()
+        log.start(first=False)  # a retried attempt: finds the server away at once
         for e in range(experiences):
             log.experience(e, [0.5], {"acc": e / 100}, {"train_flops": 1.0})
             time.sleep(0.25)  # a sync pass takes about as long

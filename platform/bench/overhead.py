@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from clgrid import tracking
 from clgrid.spec import PipelineSpec, TrialSpec, expand, load_spec
 from clgrid.sweep.layout import SweepDir, TrialDir
+from clgrid.sweep.trial_logger import TrialLogger
 from clgrid.train.trainer import ExperienceReport, Trainer
 
 STRATEGIES = {"naive": {"name": "naive"}, "replay": {"name": "replay", "buffer_size": 200},
@@ -200,7 +201,8 @@ def fisher_diagonal(model: nn.Sequential, x: Tensor, y: Tensor) -> dict[str, Ten
 # ---- 1, 3, 4: trainer overhead, evaluation share, instrumentation ------------------------------
 
 class Logged:
-    """What a sweep trial logs to MLflow (per experience, then the matrix), into a local SQLite store."""
+    """What a sweep trial logs to MLflow, through the sweep's TrialLogger (each experience, the
+    matrices, the run's end), into a local SQLite store."""
 
     def __init__(self, root: Path):
         self.root, self.uri = root, f"sqlite:///{root}/mlflow.db"
@@ -210,12 +212,17 @@ class Logged:
         return tracking.with_retries(lambda: tracking.client(self.uri).create_run(self.exp)).info.run_id
 
     def run_trial(self, trial: TrialSpec, trial_dir: Path, run_id: str) -> TimedTrainer:
-        def log(report: ExperienceReport) -> None:
-            tracking.log_experience(self.uri, run_id, report.experience, report.row, report.metrics, report.costs)
+        log = TrialLogger(self.uri, run_id, TrialDir(trial_dir), tracking.retry_seconds())
+        log.start(first=True)
 
-        trainer = TimedTrainer(trial, trial_dir, on_experience=log)
+        def logged(report: ExperienceReport) -> None:
+            log.experience(**vars(report))
+
+        trainer = TimedTrainer(trial, trial_dir, on_experience=logged)
         result = trainer.run()
-        tracking.log_matrix(self.uri, run_id, result.R, result.b, TrialDir(trial_dir).artifacts)
+        log.flush()
+        log.matrix(result.R, result.b, result.R_val, result.b_val)
+        log.end("FINISHED")
         return trainer
 
 
@@ -308,7 +315,16 @@ def sweep_child(spec_json: str) -> None:
                        "pid": attempts.split("pid=")[1].split()[0],
                        "train_seconds": t.result["metrics"]["train_seconds"] if t.result else None})
     driver = {"peak_rss_mb": peak_rss_mb(), "cpu_seconds": time.process_time()}
-    print(json.dumps({"marks": marks, "trials": trials, "driver": driver}))
+    print(json.dumps({"marks": marks, "trials": trials, "driver": driver, "unsynced": [str(f) for f in outcome.unsynced]}))
+
+
+def check_sweep(data: dict[str, Any]) -> None:
+    """A benchmark sweep counts only when every trial finished and reached MLflow whole: a logger
+    gone offline does less work and would flatter the figures."""
+    if any(t["train_seconds"] is None for t in data["trials"]):
+        raise RuntimeError("a trial of the benchmark sweep failed")
+    if data["unsynced"]:
+        raise RuntimeError(f"the benchmark sweep left uploads for clgrid sync in {data['unsynced'][:3]}")
 
 
 def peak_rss_mb() -> float:
@@ -333,8 +349,7 @@ def bench_sweep(spec: dict[str, Any], root: Path) -> dict[str, Any]:
         raise RuntimeError(f"sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
     marks, trials = data["marks"], data["trials"]
-    if any(t["train_seconds"] is None for t in trials):
-        raise RuntimeError("a trial of the benchmark sweep failed")
+    check_sweep(data)
     cores = os.cpu_count() or 1
     wall = marks["shut_down"] - marks["start"]  # prepare + run + shutdown
     train = sum(t["train_seconds"] for t in trials)

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clgrid.bench import overhead
+
 COST_TARGET = 0.10  # core-seconds of platform cost per trial (issue 17)
 MEMORY_TARGET = 1.5  # the driver's peak RSS at the largest size / at the smallest: "flat"
 REPORT_TARGET = 10.0  # seconds of `clgrid report` over 2,000 runs
@@ -56,8 +58,7 @@ def bench_sweep_scale(trials: int, root: Path) -> dict[str, Any]:
         raise RuntimeError(f"scale sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
     marks, ts = data["marks"], data["trials"]
-    if any(t["train_seconds"] is None for t in ts):
-        raise RuntimeError("a trial of the scale sweep failed")
+    overhead.check_sweep(data)
     cores = os.cpu_count() or 1
     first, last = min(t["start"] for t in ts), max(t["end"] for t in ts)
     train = sum(t["train_seconds"] for t in ts)

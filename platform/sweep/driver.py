@@ -30,7 +30,7 @@ from clgrid import fsio, tracking
 from clgrid.report.aggregate import label_trials, short
 from clgrid.spec import PipelineSpec, TrialSpec, expand
 from clgrid.spec.grid import expected_work
-from clgrid.sweep import liveness, outbox, tune_phase
+from clgrid.sweep import liveness, outbox, packs, tune_phase
 from clgrid.sweep.layout import SweepDir, SweepMeta, SweepTrial, check_storage, reports_dir
 from clgrid.sweep.lease import SweepLease
 from clgrid.sweep.trial import FAULT_ENV, TrialConfig, trainable
@@ -241,13 +241,13 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
         configs = {t.trial_key: TrialConfig(trial=t, sweep_dir=str(folder.path), tracking_uri=uri, retry_seconds=seconds,
                                             extra_metrics=extra[t.trial_key]).model_dump() for t in trials}
         specs = {t.trial_key: t.trial_spec() for t in trials}
-        # Ray Tune copies the whole grid list into every variant it generates (quadratic in the
-        # number of trials): the grid is of trial keys, the configs go once to the object store.
-        # The name creators are module functions: Ray Tune pickles them into every trial's state.
-        fit(tune.with_parameters(trainable, configs=configs),
-            {"key": tune.grid_search([t.trial_key for t in longest_first(trials)])}, name=meta.sweep_id,
+        # Ray Tune runs packs of trial keys (clgrid.sweep.packs); the configs go once to the object
+        # store. The name creators are module functions: Ray Tune pickles them into every trial's state.
+        searcher = packs.PackSearcher([t.trial_key for t in longest_first(trials)],
+                                      packs.slots(res.cpus_per_trial, res.gpus_per_trial, max_concurrent or res.max_concurrent))
+        fit(tune.with_parameters(trainable, configs=configs), {}, name=meta.sweep_id,
             callbacks=[Progress(specs)] if progress else [], trial_name_creator=trial_name,
-            trial_dirname_creator=trial_name)
+            trial_dirname_creator=trial_name, search_alg=searcher, num_samples=len(trials))
     outcomes = []
     for t in trials:
         result_file = folder.trial(t.trial_key).result
@@ -260,8 +260,10 @@ def run(sweep_dir: Path, *, address: str | None = None, max_concurrent: int | No
 
 
 def trial_name(trial: Any) -> str:
-    """A Ray Tune trial's name and folder: its trial key, which names its clgrid folder too."""
-    return trial.config["key"]
+    """A Ray Tune trial's name and folder: its pack's first trial key (which names that trial's
+    clgrid folder) and how many trials follow it."""
+    keys = trial.config[packs.KEYS]
+    return keys[0] + (f"+{len(keys) - 1}" if len(keys) > 1 else "")
 
 
 def longest_first(trials: list[SweepTrial]) -> list[SweepTrial]:
@@ -288,28 +290,25 @@ def _end_runs(uri: str, folder: SweepDir, parent: str, outcomes: list[TrialOutco
 
 
 class Progress(tune.Callback):
-    """One line per finished experience and per finished trial, printed by the driver."""
+    """A line per experience a pack reports and per finished trial, printed by the driver."""
 
     def __init__(self, specs: dict[str, TrialSpec]):
         self.specs, self.done, self.start = specs, 0, time.time()
 
-    def _spec(self, trial: Any) -> TrialSpec:
-        return self.specs[trial.config["key"]]
-
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "experience" not in result:  # a trial finished earlier reports only its final metrics
-            return
-        spec = self._spec(trial)
-        print(f"  {_label(spec)}: experience {result['experience'] + 1}/{spec.benchmark.experiences}"
-              f"  acc={result['acc']:.3f}", flush=True)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
-        print(f"[{self.done}/{len(self.specs)} trials, {time.time() - self.start:.0f}s] finished "
-              f"{_label(self._spec(trial))}", flush=True)
+        if "experience" in result:
+            spec = self.specs[result["trial"]]
+            print(f"  {_label(spec)}: experience {result['experience'] + 1}/{spec.benchmark.experiences}"
+                  f"  acc={result['acc']:.3f}", flush=True)
+        for key, _, acc in result.get(packs.FINISHED, []):
+            self.done += 1
+            print(f"[{self.done}/{len(self.specs)} trials, {time.time() - self.start:.0f}s] finished "
+                  f"{_label(self.specs[key])}" + (f"  acc={acc:.3f}" if acc is not None else ""), flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"[trial error] {_label(self._spec(trial))}: see {trial.path}", file=sys.stderr, flush=True)
+        keys = trial.config[packs.KEYS]
+        more = f" (and {len(keys) - 1} more trials of its pack)" if len(keys) > 1 else ""
+        print(f"[trial error] {_label(self.specs[keys[0]])}{more}: see {trial.path}", file=sys.stderr, flush=True)
 
 
 def _label(t: TrialSpec) -> str:

@@ -7,7 +7,6 @@ reports that result at once. Otherwise the trainer continues from the folder's l
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import time
@@ -21,6 +20,7 @@ from ray import tune
 from clgrid import fsio, tracking
 from clgrid.sweep.layout import SweepDir, SweepTrial, TrialDir
 from clgrid.sweep.lease import TrialWriter
+from clgrid.sweep.packs import FINISHED, KEYS
 from clgrid.sweep.trial_logger import TrialLogger
 
 if TYPE_CHECKING:
@@ -29,11 +29,10 @@ if TYPE_CHECKING:
     from clgrid.spec import TrialSpec
 
 FAULT_ENV = "CLGRID_FAULT_ONCE"  # test hook: see _inject_fault
-# A sweep's trials tell Ray Tune (the driver's progress lines) of an experience at most this often,
-# and always of the last: each report is a round trip to the driver, which a trial of many short
+# A pack tells Ray Tune (the driver's progress lines, the pack sizes) what its trials did at most
+# this often, and at its end: each report is a round trip to the driver, which a trial of many short
 # experiences would otherwise wait on after every one of them.
 REPORT_SECONDS = 1.0
-PROGRESS_METRICS = ("experience", "acc")
 
 
 class TrialConfig(BaseModel):
@@ -50,30 +49,65 @@ class TrialConfig(BaseModel):
         return SweepDir(Path(self.sweep_dir)).trial(self.trial.trial_key)
 
 
-def trainable(point: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
-    """The Ray Tune trainable: ``point["key"]`` is a trial key of ``configs`` (the sweep's
-    TrialConfigs, which tune.with_parameters puts in Ray's object store once: Ray Tune's variants
-    carry a key each, not a copy of every config). One attempt at a time writes a trial's folder: an
-    attempt Ray retries waits for the one before to stop (clgrid.sweep.lease)."""
-    attempt(TrialConfig.model_validate(configs[point["key"]]), _report_progress, every=REPORT_SECONDS)
+def trainable(pack: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
+    """The Ray Tune trainable: ``pack["keys"]`` are trial keys of ``configs`` (the sweep's
+    TrialConfigs, which tune.with_parameters puts in Ray's object store once), run one after the
+    other (clgrid.sweep.packs). A trial that fails does not stop the pack: the others run, then the
+    pack fails, and Ray Tune's retry of it finds the finished ones' results on disk. One attempt at
+    a time writes a trial's folder: an attempt Ray retries waits for the one before to stop
+    (clgrid.sweep.lease)."""
+    progress, failed, first_error = _Progress(), [], None
+    for key in pack[KEYS]:
+        start = time.monotonic()
+        try:
+            result = attempt(TrialConfig.model_validate(configs[key]), lambda m, key=key: progress.experience(key, m))
+        except Exception as exc:
+            failed.append(key)
+            first_error = first_error or exc
+            continue
+        progress.finished(key, time.monotonic() - start, result["metrics"].get("acc"))
+    progress.send()
+    if failed:
+        raise RuntimeError(f"trials {failed} of this pack failed; the first error is chained below") from first_error
 
 
-def _report_progress(metrics: dict[str, Any]) -> None:
-    """What a sweep's trial tells Ray Tune: the experience and its accuracy, for the driver's
-    progress lines (results are read from the trial's folder). Ray Tune keeps running statistics of
-    every number reported, per trial, and writes them into its experiment state: the fewer, the
-    cheaper for a driver of thousands of trials."""
-    tune.report({k: metrics[k] for k in PROGRESS_METRICS if k in metrics})
+class _Progress:
+    """What a pack tells Ray Tune: its latest experience (trial key, experience, acc) and the trials
+    finished since the last report ([key, seconds, acc] each), at most every REPORT_SECONDS and at
+    the pack's end. Only these few numbers: Ray Tune keeps running statistics of every number
+    reported and writes them into its experiment state; results are read from the trial folders."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Any] = {}
+        self.done: list[list[Any]] = []
+        self.sent = time.monotonic()
+
+    def experience(self, key: str, metrics: dict[str, Any]) -> None:
+        if "experience" in metrics:  # a trial finished earlier reports only its final metrics
+            self.latest = {"trial": key, "experience": metrics["experience"], "acc": metrics["acc"]}
+            self._due()
+
+    def finished(self, key: str, seconds: float, acc: float | None) -> None:
+        self.done.append([key, round(seconds, 4), acc])
+        self.latest = {}
+        self._due()
+
+    def _due(self) -> None:
+        if time.monotonic() - self.sent >= REPORT_SECONDS:
+            self.send()
+
+    def send(self) -> None:
+        if self.latest or self.done:
+            tune.report({**self.latest, FINISHED: self.done})
+        self.latest, self.done, self.sent = {}, [], time.monotonic()
 
 
-def attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], experiences: int | None = None,
-            every: float = 0.0) -> dict:
-    """One attempt at a trial: ``report`` gets what an experience measured (Ray Tune's report, or
-    the tuning phase's filter of it), for every experience, or with ``every`` > 0 for the last one
-    and for those ending ``every`` seconds or more after the last report; ``experiences`` stops
-    after that many (tuning on the first experiences). Returns the trial's result.json."""
+def attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], experiences: int | None = None) -> dict:
+    """One attempt at a trial: ``report`` gets what each experience measured (the pack's progress,
+    or the tuning phase's filter for Ray Tune); ``experiences`` stops after that many (tuning on the
+    first experiences). Returns the trial's result.json."""
     with TrialWriter(config.folder):
-        return _attempt(config, report, experiences, every)
+        return _attempt(config, report, experiences)
 
 
 class _Enough(Exception):
@@ -83,8 +117,7 @@ class _Enough(Exception):
         self.report = report
 
 
-def _attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], experiences: int | None,
-             every: float) -> dict:
+def _attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], experiences: int | None) -> dict:
     from clgrid.benchmarks.scenarios import class_order
     from clgrid.train import checkpoint, trainer
 
@@ -95,17 +128,13 @@ def _attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], expe
         result = fsio.read_json(folder.result)
         report(result["metrics"])
         return result
-    log.start()
-    reported = time.monotonic()
+    first = not folder.attempts.exists()  # a first attempt finds its run as the driver created it
+    log.start(first)
 
     def on_experience(done: trainer.ExperienceReport) -> None:
-        nonlocal reported
         log.experience(**vars(done))  # history.json, then MLflow (or the outbox)
-        last = done.experience + 1 >= (experiences or len(done.row))  # a row holds every test experience
-        if last or time.monotonic() - reported >= every:
-            report({"experience": done.experience, **done.metrics, **done.costs})
-            reported = time.monotonic()
-        _inject_fault(config.trial.trial_key, done.experience)
+        report({"experience": done.experience, **done.metrics, **done.costs})
+        _inject_fault(config.trial.trial_key, done.experience, log.flush)
         if experiences is not None and done.experience + 1 >= experiences:
             raise _Enough(done)
 
@@ -119,16 +148,12 @@ def _attempt(config: TrialConfig, report: Callable[[dict[str, Any]], None], expe
 
     _mark_attempt(folder)
     try:
-        dataset = benchmark_dataset(trial)  # unreadable data fails the trial here, as in the trainer
-        # A server away since start() is waited for once, not again here; a dataset input it misses
-        # costs the run its Dataset column only (clgrid sync does not upload it), never the trial.
-        if log.online:
-            with contextlib.suppress(Exception):
-                tracking.log_dataset(config.tracking_uri, config.trial.run_id, dataset, config.retry_seconds)
+        log.dataset(benchmark_dataset(trial), first)  # unreadable data fails the trial here, as in the trainer
         result = run()
     except BaseException:
         log.end("FAILED")
         raise
+    log.flush()
     log.matrix(result.R, result.b, result.R_val, result.b_val)
     log.probes(result.probes)
     log.continual(result.continual)
@@ -189,11 +214,12 @@ def _mark_attempt(folder: TrialDir) -> None:
         f.write(f"{time.time():.3f} pid={os.getpid()} node={ray.get_runtime_context().get_node_id()}\n")
 
 
-def _inject_fault(trial_key: str, experience: int) -> None:
+def _inject_fault(trial_key: str, experience: int, flush: Callable[[], None]) -> None:
     """Test hook, inert unless ``CLGRID_FAULT_ONCE=<dir>`` is set: a file ``<dir>/<trial_key>.<experience>``
-    holding ``raise`` or ``hang`` makes the trial, once that experience is checkpointed and logged,
-    raise, or write its pid to ``<file>.pid`` and sleep until killed. The file is taken (renamed)
-    first, so each fault fires once; retries and resumed sweeps then run undisturbed."""
+    holding ``raise`` or ``hang`` makes the trial, once that experience is checkpointed and logged
+    (``flush``: uploaded, or listed in the outbox), raise, or write its pid to ``<file>.pid`` and
+    sleep until killed. The file is taken (renamed) first, so each fault fires once; retries and
+    resumed sweeps then run undisturbed."""
     folder = os.environ.get(FAULT_ENV)
     if not folder:
         return
@@ -203,6 +229,7 @@ def _inject_fault(trial_key: str, experience: int) -> None:
         os.rename(order, taken)
     except FileNotFoundError:
         return
+    flush()
     if taken.read_text().strip() == "raise":
         raise RuntimeError(f"injected fault ({FAULT_ENV}) after experience {experience}")
     fsio.atomic_write(order.with_name(order.name + ".pid"), str(os.getpid()).encode())

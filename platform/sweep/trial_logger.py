@@ -11,16 +11,28 @@ budget out once per attempt is enough: a server away that long is not back at th
 A run is ended FINISHED only when nothing of the trial is missing from it; otherwise ``clgrid
 sync`` ends it once it has uploaded the rest. The logger changes its outbox item by item
 (``Outbox.update``), never writing back what it read, so a sync running beside it loses nothing.
+
+An experience's metrics go up when it ends, unless the last upload was under ``UPLOAD_SECONDS``
+ago: then they wait for the next upload (one call for all that wait), at the latest the trial's
+end (``flush``). A trial of many short experiences makes one MLflow call, not one per experience;
+one of long experiences logs each as it ends. What waits is in ``history.json`` already: an
+attempt that dies with experiences waiting uploads them when the trial resumes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import time
+from typing import TYPE_CHECKING, Any, Callable
 
 from clgrid import fsio, tracking
 from clgrid.tracking import runs
 from clgrid.sweep.layout import TrialDir
 from clgrid.sweep.outbox import Outbox, describe
+
+if TYPE_CHECKING:
+    from mlflow.entities import Dataset
+
+UPLOAD_SECONDS = 1.0
 
 
 class TrialLogger:
@@ -30,6 +42,8 @@ class TrialLogger:
         self.online = True
         self.error = ""  # why the logger went offline
         self.logged: set[int] = set()  # experiences the run already has
+        self.waiting: list[int] = []  # experiences in history.json not uploaded yet (nor listed as missing)
+        self.uploaded = time.monotonic()  # when experiences were last uploaded
         # Kept from earlier attempts: an experience their outboxes list stays in the file.
         self.history = read_history(folder)
 
@@ -52,11 +66,11 @@ class TrialLogger:
 
         self.outbox = Outbox.update(self.folder, self.run_id, recorded)
 
-    def _step(self, experience: int, missing: bool) -> None:
-        """Lists or unlists an experience's metrics; the file is touched only when that changes
-        (never while all goes well): only this logger lists steps, so its view holds them all."""
-        if missing != (experience in self.outbox.steps):
-            self._change(lambda box: box.steps.add(experience) if missing else box.steps.discard(experience))
+    def _steps(self, experiences: list[int], missing: bool) -> None:
+        """Lists or unlists experiences' metrics; the file is touched only when that changes (never
+        while all goes well): only this logger lists steps, so its view holds them all."""
+        if any(missing != (e in self.outbox.steps) for e in experiences):
+            self._change(lambda box: box.steps.update(experiences) if missing else box.steps.difference_update(experiences))
 
     def _update(self, *, matrix: bool) -> None:
         """``matrix=True``: artifact files were written and not uploaded (counted: a sync that
@@ -69,11 +83,19 @@ class TrialLogger:
         if status != self.outbox.status:
             self._change(lambda box: setattr(box, "status", status))
 
-    def start(self) -> None:
-        """Marks the run RUNNING and learns which experiences it has (a resumed trial re-reports them)."""
-        if self._upload(lambda: tracking.with_retries(
+    def start(self, first: bool) -> None:
+        """A later attempt marks the run RUNNING again and learns which experiences it has (a
+        resumed trial re-reports them); a ``first`` one finds the run as the driver created it:
+        RUNNING, nothing logged."""
+        if not first and self._upload(lambda: tracking.with_retries(
                 lambda: tracking.client(self.uri).update_run(self.run_id, "RUNNING"), self.seconds)):
             self._upload(lambda: self.logged.update(tracking.logged_steps(self.uri, self.run_id, self.seconds)))
+
+    def dataset(self, dataset: Dataset, first: bool) -> None:
+        """The run's training input (a ``first`` attempt's run has none yet). Missed, it costs the
+        run its Dataset column only (clgrid sync does not upload it), and takes the logger offline
+        like any upload: a server away is waited for once."""
+        self._upload(lambda: tracking.log_dataset(self.uri, self.run_id, dataset, self.seconds, known_new=first))
 
     def experience(self, experience: int, row: list[float], metrics: dict[str, float], costs: dict[str, float],
                    val_row: list[float] = ()) -> None:
@@ -83,9 +105,22 @@ class TrialLogger:
         if self.history.get(experience) != report:  # a resumed trial re-reports what the file holds
             self.history[experience] = report
             fsio.write_json(self.folder.history, [self.history[k] for k in sorted(self.history)])
-        uploaded = experience in self.logged or self._upload(lambda: tracking.log_experience(
-            self.uri, self.run_id, experience, row, metrics, costs, self.seconds, val_row))
-        self._step(experience, missing=not uploaded)
+        if experience in self.logged:
+            self._steps([experience], missing=False)
+            return
+        self.waiting.append(experience)
+        if not self.online or time.monotonic() - self.uploaded >= UPLOAD_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Uploads the experiences waiting, in one call; offline, lists them in the outbox."""
+        if not self.waiting:
+            return
+        waiting, self.waiting = self.waiting, []
+        uploaded = self._upload(lambda: tracking.log_experiences(
+            self.uri, self.run_id, [self.history[e] for e in waiting], self.seconds))
+        self._steps(waiting, missing=not uploaded)
+        self.uploaded = time.monotonic()
 
     def matrix(self, R: list[list[float]], b: list[float], R_val: list[list[float]] = (), b_val: list[float] = ()) -> None:
         folder = self.folder.artifacts
@@ -115,7 +150,9 @@ class TrialLogger:
             self._update(matrix=True)
 
     def end(self, status: str) -> None:
-        """Ends the run; FINISHED waits in the outbox while anything else does."""
+        """Ends the run (after the experiences waiting); FINISHED waits in the outbox while anything
+        else does."""
+        self.flush()
         self.outbox = Outbox.open(self.folder, self.run_id)  # a sync may have uploaded some since
         if status == "FINISHED" and (self.outbox.steps or self.outbox.matrix):
             self._status(status)

@@ -53,5 +53,5 @@ def render(R: Sequence[Sequence[float]], title: str = "accuracy matrix") -> byte
     for tick in (0.0, 0.5, 1.0):
         draw.text((bar_x + BAR + 4, TOP + (1 - tick) * (bar_h - 1)), f"{tick:.1f}", anchor="lm", font=small, fill="black")
     out = io.BytesIO()
-    img.save(out, format="PNG")
+    img.save(out, format="PNG", compress_level=1)  # zlib's default level 6: 2.3 ms of the 4.6 a picture took
     return out.getvalue()

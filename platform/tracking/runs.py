@@ -132,11 +132,11 @@ def benchmark_dataset(name: str, digest: str, source: dict[str, str], schema: st
                    profile=json.dumps(profile))
 
 
-def log_dataset(uri: str, run_id: str, dataset: Dataset, seconds: float | None = None) -> None:
+def log_dataset(uri: str, run_id: str, dataset: Dataset, seconds: float | None = None, known_new: bool = False) -> None:
     """``dataset`` as the run's training input, once: a run that has it (a retried or resumed
-    trial's) is left as it is."""
+    trial's) is left as it is; ``known_new``: the run has no inputs (not asked again)."""
     c = client(uri)
-    inputs = with_retries(lambda: c.get_run(run_id), seconds).inputs.dataset_inputs
+    inputs = [] if known_new else with_retries(lambda: c.get_run(run_id), seconds).inputs.dataset_inputs
     if any((i.dataset.name, i.dataset.digest) == (dataset.name, dataset.digest) for i in inputs):
         return
     logged = DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT, TRAIN_CONTEXT)])
@@ -166,12 +166,29 @@ def experience_metrics(experience: int, row: list[float], metrics: dict[str, flo
 
 def log_experience(uri: str, run_id: str, step: int, row: list[float], summary: dict[str, float],
                    costs: dict[str, float], seconds: float | None = None, val_row: list[float] = ()) -> None:
-    log_metrics(uri, run_id, step, experience_metrics(step, row, summary, costs, val_row), seconds)
+    log_experiences(uri, run_id, [{"experience": step, "row": row, "metrics": summary, "costs": costs,
+                                   "val_row": val_row}], seconds)
+
+
+def log_experiences(uri: str, run_id: str, reports: list[dict[str, Any]], seconds: float | None = None) -> None:
+    """Several experiences' metrics (ExperienceReport fields each) in as few log_batch calls as
+    MLflow takes. Each experience's ``acc`` goes after its other metrics: a run that has an
+    experience's ``acc`` has all of it (``logged_steps``), however the calls split."""
+    now = int(time.time() * 1000)
+    metrics = []
+    for report in reports:
+        values = experience_metrics(**report)
+        metrics += [Metric(k, float(v), now, report["experience"]) for k, v in sorted(values.items(), key=lambda kv: kv[0] == "acc")]
+    _log_batches(uri, run_id, metrics, seconds)
 
 
 def log_metrics(uri: str, run_id: str, step: int, values: dict[str, float], seconds: float | None = None) -> None:
     now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
+    _log_batches(uri, run_id, [Metric(k, float(v), now, step) for k, v in values.items()], seconds)
+
+
+def _log_batches(uri: str, run_id: str, metrics: list[Metric], seconds: float | None = None) -> None:
+    """``metrics`` in order, MAX_BATCH a call."""
     for i in range(0, len(metrics), MAX_BATCH):
         with_retries(lambda: client(uri).log_batch(run_id, metrics=metrics[i:i + MAX_BATCH]), seconds)
 
@@ -227,7 +244,12 @@ def write_probes(folder: Path, artifacts: dict[str, Any]) -> list[str]:
 
 
 def upload_files(uri: str, run_id: str, folder: Path, names: Iterable[str], seconds: float | None = None) -> None:
-    """Files of ``folder`` as artifacts of the run (an upload again overwrites: no duplicates)."""
+    """Files of ``folder`` as artifacts of the run (an upload again overwrites: no duplicates); in
+    one call when they are all the folder holds."""
+    names = list(names)
+    if sorted(names) == sorted(p.name for p in folder.iterdir()):
+        with_retries(lambda: client(uri).log_artifacts(run_id, str(folder)), seconds)
+        return
     for name in names:
         with_retries(lambda: client(uri).log_artifact(run_id, str(folder / name)), seconds)
 
@@ -248,7 +270,5 @@ def log_continual(uri: str, run_id: str, folder: Path, seconds: float | None = N
     or a sync may have logged some), then the file as an artifact."""
     metrics = continual_metrics(fsio.read_json(folder / CONTINUAL_JSON))
     have = metric_steps(uri, run_id, {m.key for m in metrics}, seconds)
-    metrics = [m for m in metrics if m.step not in have[m.key]]
-    for i in range(0, len(metrics), MAX_BATCH):
-        with_retries(lambda: client(uri).log_batch(run_id, metrics=metrics[i:i + MAX_BATCH]), seconds)
+    _log_batches(uri, run_id, [m for m in metrics if m.step not in have[m.key]], seconds)
     upload_files(uri, run_id, folder, [CONTINUAL_JSON], seconds)
