@@ -1,4 +1,5 @@
-"""TrialSpecs -> Ray Tune: one trial per grid point, tracked in MLflow, resumable from disk.
+"""TrialSpecs -> Ray Tune: the grid's trials in packs (clgrid.sweep.packs: a pack of short trials
+is one Ray Tune trial), each trial tracked in its own MLflow run, resumable from disk.
 
 A sweep lives in its folder (``clgrid.sweep.layout``): ``sweep.json`` (the spec, the trials and
 their MLflow run ids, written before any trial starts) and one folder per trial (``clgrid.sweep.trial``
