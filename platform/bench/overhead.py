@@ -12,8 +12,9 @@
    and ``sweep.run`` in a fresh process: sum of the trials' train_seconds / (wall x cores), and the
    per-trial overhead (core-seconds not spent training, per trial).
 3. evaluation share: the part of an instrumented trial spent filling the accuracy matrix.
-4. instrumentation cost: FLOP counting, checkpoints, Arrow replay commits and MLflow logging on
-   against all off.
+4. instrumentation cost: FLOP counting, checkpoints, Arrow replay commits and MLflow logging (the
+   sweep's own TrialLogger: history.json, paced uploads, the matrices, the run's end) on against
+   all off.
 5. scaling: time per trial against the number of experiences T (permuted mnist5k, domain-IL),
    fitted as a*T + c*T^2 (training grows with T, evaluation with T^2); and replay memory size.
 
