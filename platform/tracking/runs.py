@@ -209,8 +209,14 @@ def matrix_files(folder: Path) -> list[str]:
 
 
 def upload_matrix(uri: str, run_id: str, folder: Path, seconds: float | None = None) -> None:
-    """The files of write_matrix as artifacts of the run (an upload again overwrites: no duplicates)."""
-    upload_files(uri, run_id, folder, matrix_files(folder), seconds)
+    """The files of write_matrix as artifacts of the run (an upload again overwrites: no duplicates),
+    in one call when they are all the folder holds: for the trial's own logger, the folder's only
+    writer (a sync beside a live trial uploads file by file, never a temporary file it might list)."""
+    names = matrix_files(folder)
+    if sorted(names) == sorted(p.name for p in folder.iterdir()):
+        with_retries(lambda: client(uri).log_artifacts(run_id, str(folder)), seconds)
+    else:
+        upload_files(uri, run_id, folder, names, seconds)
 
 
 def artifact_files(folder: Path) -> list[str]:
@@ -244,12 +250,7 @@ def write_probes(folder: Path, artifacts: dict[str, Any]) -> list[str]:
 
 
 def upload_files(uri: str, run_id: str, folder: Path, names: Iterable[str], seconds: float | None = None) -> None:
-    """Files of ``folder`` as artifacts of the run (an upload again overwrites: no duplicates); in
-    one call when they are all the folder holds."""
-    names = list(names)
-    if sorted(names) == sorted(p.name for p in folder.iterdir()):
-        with_retries(lambda: client(uri).log_artifacts(run_id, str(folder)), seconds)
-        return
+    """Files of ``folder`` as artifacts of the run (an upload again overwrites: no duplicates)."""
     for name in names:
         with_retries(lambda: client(uri).log_artifact(run_id, str(folder / name)), seconds)
 
