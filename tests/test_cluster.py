@@ -122,7 +122,8 @@ def _log_experiences(uri: str, run_id: str, steps: int) -> None:
 
     tracking.client.cache_clear()  # a forked child opens its own database connections
     for step in range(steps):
-        tracking.log_experience(uri, run_id, step, [0.5] * 4, {"acc": 0.5, "bwt": 0.0}, {"train_flops": 1.0})
+        tracking.log_experiences(uri, run_id, [{"experience": step, "row": [0.5] * 4, "metrics": {"acc": 0.5, "bwt": 0.0},
+                                                "costs": {"train_flops": 1.0}}])
         tracking.client(uri).set_tag(run_id, "clgrid.heartbeat", str(step))
 
 

@@ -167,7 +167,8 @@ def test_a_short_outage_is_ridden_out_by_retries(server):
     restart = threading.Thread(target=lambda: (time.sleep(1.0), server.start()))
     restart.start()
     start = time.monotonic()
-    tracking.log_experience(server.uri, run_id, 0, [0.5, 0.25], {"acc": 0.5}, {"train_flops": 1.0}, seconds=90)
+    tracking.log_experiences(server.uri, run_id, [{"experience": 0, "row": [0.5, 0.25], "metrics": {"acc": 0.5},
+                                                   "costs": {"train_flops": 1.0}}], seconds=90)
     waited = time.monotonic() - start
     restart.join()
     assert waited > 1.0  # it did wait for the server

@@ -49,7 +49,7 @@ class PackSearcher(Searcher):
         if not self.queue:
             return Searcher.FINISHED
         size = pack_size(self.seconds, len(self.queue), self.slots)
-        return {KEYS: [self.queue.popleft() for _ in range(min(size, len(self.queue)))]}
+        return {KEYS: [self.queue.popleft() for _ in range(size)]}  # pack_size never exceeds the queue
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         self.seconds += [seconds for _, seconds, _ in result.get(FINISHED, [])]

@@ -1,5 +1,5 @@
-"""One Ray Tune trial, in a Ray worker: train (or resume) a trial in its folder and log every
-experience to the MLflow run the driver created for it.
+"""One Ray Tune trial, in a Ray worker: a pack of trials (clgrid.sweep.packs), each trained (or
+resumed) in its folder, every experience logged to the MLflow run the driver created for it.
 
 A trial with ``result.json`` finished in an earlier attempt or an earlier run of the sweep: it
 reports that result at once. Otherwise the trainer continues from the folder's last checkpoint.

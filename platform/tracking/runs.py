@@ -164,12 +164,6 @@ def experience_metrics(experience: int, row: list[float], metrics: dict[str, flo
                                    for j, a in enumerate(accs[: experience + 1])}}
 
 
-def log_experience(uri: str, run_id: str, step: int, row: list[float], summary: dict[str, float],
-                   costs: dict[str, float], seconds: float | None = None, val_row: list[float] = ()) -> None:
-    log_experiences(uri, run_id, [{"experience": step, "row": row, "metrics": summary, "costs": costs,
-                                   "val_row": val_row}], seconds)
-
-
 def log_experiences(uri: str, run_id: str, reports: list[dict[str, Any]], seconds: float | None = None) -> None:
     """Several experiences' metrics (ExperienceReport fields each) in as few log_batch calls as
     MLflow takes. Each experience's ``acc`` goes after its other metrics: a run that has an
