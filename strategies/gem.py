@@ -11,7 +11,6 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from qpsolvers import solve_qp
 from torch import Tensor
 
 from clgrid.strategies.base import Batch, Context, MemoryConfig, Strategy
@@ -25,6 +24,10 @@ class GEMConfig(MemoryConfig):
 
 def project(g: Tensor, memory_grads: Tensor, margin: float, ridge: float = 1e-3) -> Tensor:
     """The GEM update for gradient g [p] under the constraints of memory_grads [k, p]."""
+    # imported here: qpsolvers and scipy.linalg cost every process that loads the strategy
+    # registry (each CLI command, each Ray worker) 50 ms, and only GEM's trials use them
+    from qpsolvers import solve_qp
+
     G = memory_grads.double()
     identity = torch.eye(len(G), dtype=G.dtype)
     P = G @ G.T
